@@ -1,0 +1,5 @@
+"""Allow `python -m milters`."""
+
+from milters.cli import main
+
+raise SystemExit(main())

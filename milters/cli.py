@@ -1,0 +1,5 @@
+"""The `milters` command (placeholder, being written)."""
+
+
+def main() -> int:
+    return 0

@@ -1,0 +1,1 @@
+"""What every filter shares: config, message model, verdicts, AR writer, adapter, runner."""

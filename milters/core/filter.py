@@ -1,0 +1,99 @@
+"""The small face every filter offers, and the environment it decides in.
+
+A filter object is built once from its settings (tables compiled, keys loaded)
+and is immutable afterwards: it is part of the runtime that SIGHUP replaces
+whole, and libmilter calls it from many threads at once.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import ipaddress
+from dataclasses import dataclass
+from functools import cached_property
+from typing import ClassVar
+
+from milters.core.config import FilterSettings, GlobalSettings
+from milters.core.model import Connection, Transaction
+from milters.core.verdict import Verdict
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Stage(enum.Flag):
+    """SMTP stages a filter needs to see; the adapter negotiates away the rest."""
+
+    NONE = 0
+    CONNECT = enum.auto()
+    HELO = enum.auto()
+    MAIL = enum.auto()
+    RCPT = enum.auto()
+    HEADER = enum.auto()
+    BODY = enum.auto()
+
+
+@dataclass(frozen=True)
+class Env:
+    """Process-wide context shared by the filters: global settings and services."""
+
+    global_: GlobalSettings
+
+    @cached_property
+    def internal_networks(self) -> tuple[Network, ...]:
+        return tuple(ipaddress.ip_network(n, strict=False) for n in self.global_.internal_networks)
+
+    def is_internal(self, conn: Connection) -> bool:
+        """Client in internal_networks, or a local submission (sendmail, no client address)."""
+        ip = conn.client_ip
+        if ip is None:
+            return conn.client_addr == ""
+        return any(ip in net for net in self.internal_networks)
+
+    def is_ours(self, conn: Connection) -> bool:
+        """Internal or SASL-authenticated: mail we send rather than receive."""
+        return self.is_internal(conn) or bool(conn.sasl_user)
+
+
+class Filter(abc.ABC):
+    """Base of every filter. Subclasses set the class attributes and `check`."""
+
+    name: ClassVar[str]
+    default_port: ClassVar[int]
+    settings_class: ClassVar[type[FilterSettings]]
+    stages: ClassVar[Stage]
+    # Header edits the filter may ask for (checks REPLACE/PREPEND, AR fields...):
+    # the adapter declares only the milter actions a filter can use.
+    may_change_headers: ClassVar[bool] = True
+    may_change_recipients: ClassVar[bool] = False
+    may_replace_body: ClassVar[bool] = False
+    may_quarantine: ClassVar[bool] = False
+
+    def __init__(self, settings: FilterSettings, env: Env) -> None:
+        self.settings = settings
+        self.env = env
+
+    @classmethod
+    def default_socket(cls) -> str:
+        return f"inet:{cls.default_port}@127.0.0.1"
+
+    # Early deciders override these; None means "no opinion yet".
+    def on_connect(self, conn: Connection) -> Verdict | None:
+        return None
+
+    def on_helo(self, conn: Connection) -> Verdict | None:
+        return None
+
+    def on_mail(self, tx: Transaction) -> Verdict | None:
+        return None
+
+    def on_rcpt(self, tx: Transaction, rcpt: str) -> Verdict | None:
+        return None
+
+    @abc.abstractmethod
+    def check(self, tx: Transaction) -> Verdict:
+        """Decide about a whole message at end of data."""
+
+    def describe(self) -> list[str]:
+        """Lines for `milters check-config`: what was loaded (tables, keys)."""
+        return []

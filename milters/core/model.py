@@ -1,0 +1,152 @@
+"""Plain data that a filter decides on: the SMTP connection and one message transaction.
+
+Header fields are kept as raw bytes exactly as the MTA sent them (DKIM needs
+them byte-exact); decoding is the business of whoever reads them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+# Bodies above this size leave memory for a temporary file, so that memory per
+# connection stays bounded whatever the message size.
+BODY_SPOOL_THRESHOLD = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Header:
+    """One header field: name as sent, raw value bytes as sent (folding kept)."""
+
+    name: str
+    value: bytes
+
+    @property
+    def text(self) -> str:
+        """The value as text; undecodable bytes are kept as surrogate escapes."""
+        return self.value.decode("utf-8", errors="surrogateescape")
+
+
+@dataclass
+class Connection:
+    """What is known about the SMTP client; lives as long as the SMTP session."""
+
+    client_addr: str = ""  # IP address as text, "" for a local (non-SMTP) submission
+    client_port: int = 0
+    client_name: str = ""  # verified hostname, or "unknown" as Postfix says it
+    helo: str = ""
+    macros: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def client_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+        try:
+            return ipaddress.ip_address(self.client_addr.strip("[]").removeprefix("IPv6:"))
+        except ValueError:
+            return None
+
+    @property
+    def sasl_user(self) -> str:
+        return self.macros.get("{auth_authen}", "")
+
+    @property
+    def daemon_name(self) -> str:
+        return self.macros.get("{daemon_name}", "")
+
+
+class Body:
+    """A message body that spools to a temporary file past a size threshold."""
+
+    def __init__(self, threshold: int = BODY_SPOOL_THRESHOLD) -> None:
+        self._threshold = threshold
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._file: BinaryIO | None = None
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def spooled(self) -> bool:
+        return self._file is not None
+
+    def write(self, chunk: bytes) -> None:
+        self._size += len(chunk)
+        if self._file is not None:
+            self._file.write(chunk)
+            return
+        self._chunks.append(chunk)
+        if self._size > self._threshold:
+            self._file = tempfile.TemporaryFile(prefix="milters-body-")  # noqa: SIM115
+            for piece in self._chunks:
+                self._file.write(piece)
+            self._chunks = []
+
+    def chunks(self, size: int = 65536) -> Iterator[bytes]:
+        """The body in pieces, without holding a spooled body in memory."""
+        if self._file is None:
+            yield from self._chunks
+            return
+        self._file.flush()
+        self._file.seek(0)
+        while piece := self._file.read(size):
+            yield piece
+        self._file.seek(0, os.SEEK_END)
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._chunks = []
+
+
+@dataclass
+class Transaction:
+    """One message: made at MAIL FROM, dropped at end of message or abort."""
+
+    connection: Connection
+    mail_from: str = ""  # without angle brackets; "" is the null sender
+    mail_from_params: tuple[str, ...] = ()
+    rcpt_to: list[str] = field(default_factory=list)
+    headers: list[Header] = field(default_factory=list)
+    body: Body = field(default_factory=Body)
+    macros: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def queue_id(self) -> str:
+        return self.macros.get("i") or self.connection.macros.get("i", "")
+
+    def macro(self, name: str) -> str:
+        """A macro from this message, else from the connection."""
+        return self.macros.get(name) or self.connection.macros.get(name, "")
+
+    def header_values(self, name: str) -> list[bytes]:
+        lname = name.lower()
+        return [h.value for h in self.headers if h.name.lower() == lname]
+
+    def raw_header_block(self) -> bytes:
+        """The header as it would be on the wire, CRLF line ends."""
+        out = bytearray()
+        for h in self.headers:
+            value = h.value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            sep = b":" if value[:1] in (b" ", b"\t") else b": "
+            out += h.name.encode("ascii", "surrogateescape") + sep + value + b"\r\n"
+        return bytes(out)
+
+    def close(self) -> None:
+        self.body.close()
+
+
+def unbracket(address: str) -> str:
+    """`<a@b>` -> `a@b`; MAIL FROM/RCPT TO arrive with their angle brackets."""
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        address = address[1:-1]
+    return address
