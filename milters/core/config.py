@@ -230,7 +230,9 @@ def build_config(
     return Config(source, global_, types.MappingProxyType(filters))
 
 
-def _table(data: Mapping[str, Any], name: str, source: str, problems: list[str]) -> Mapping[str, Any]:
+def _table(
+    data: Mapping[str, Any], name: str, source: str, problems: list[str]
+) -> Mapping[str, Any]:
     value = data.get(name, {})
     if not isinstance(value, dict):
         problems.append(f"[{name}] in {source} must be a table, not a {_tname(value)}")
@@ -247,7 +249,9 @@ def _unknown(key: str, where: str, source: str, valid: list[str], table: bool = 
     return f"{msg}; valid: {', '.join(valid)}"
 
 
-def _build(cls: type[Any], raw: Mapping[str, Any], table: str, source: str, problems: list[str]) -> Any:
+def _build(
+    cls: type[Any], raw: Mapping[str, Any], table: str, source: str, problems: list[str]
+) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}

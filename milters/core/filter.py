@@ -68,6 +68,9 @@ class Filter(abc.ABC):
     may_change_recipients: ClassVar[bool] = False
     may_replace_body: ClassVar[bool] = False
     may_quarantine: ClassVar[bool] = False
+    # Authentication-Results methods this filter writes; it removes incoming
+    # fields with our authserv-id that report them (core/authresults.py).
+    ar_methods: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, settings: FilterSettings, env: Env) -> None:
         self.settings = settings
@@ -76,6 +79,10 @@ class Filter(abc.ABC):
     @classmethod
     def default_socket(cls) -> str:
         return f"inet:{cls.default_port}@127.0.0.1"
+
+    def needed_stages(self) -> Stage:
+        """The stages this configured instance needs (a subset of `stages`)."""
+        return self.stages
 
     # Early deciders override these; None means "no opinion yet".
     def on_connect(self, conn: Connection) -> Verdict | None:

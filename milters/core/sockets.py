@@ -78,7 +78,9 @@ def parse_socket(spec: str) -> SocketSpec:
         addr = ipaddress.ip_address(host)
     except ValueError:
         if not _HOSTNAME.match(host):
-            raise ValueError(f"bad socket {spec!r}: {host!r} is not an address or host name")
+            raise ValueError(
+                f"bad socket {spec!r}: {host!r} is not an address or host name"
+            ) from None
     else:
         if family == "inet" and addr.version == 6:
             family = "inet6"

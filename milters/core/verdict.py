@@ -132,3 +132,38 @@ def reject(reply: Reply = REPLY_REJECT, reason: str = "") -> Verdict:
 
 def tempfail(reply: Reply = REPLY_TEMPFAIL, reason: str = "") -> Verdict:
     return Verdict(Action.TEMPFAIL, reply=reply, reason=reason)
+
+
+def merge(early: list[Verdict], last: Verdict) -> Verdict:
+    """Fold non-final decisions made at earlier stages into the end-of-message one.
+
+    An early HOLD, BCC or WARN (client_checks, sender_checks...) rides along with
+    whatever the message-level check decides.
+    """
+    if not early:
+        return last
+    quarantine = last.quarantine
+    edits: list[HeaderEdit] = []
+    add: list[str] = []
+    delete: list[str] = []
+    notes: list[str] = []
+    reasons: list[str] = []
+    for v in early:
+        quarantine = quarantine or v.quarantine
+        edits += v.header_edits
+        add += v.add_rcpts
+        delete += v.del_rcpts
+        notes += v.log_notes
+        if v.reason:
+            reasons.append(v.reason)
+    if last.reason:
+        reasons.append(last.reason)
+    return replace(
+        last,
+        quarantine=quarantine,
+        header_edits=(*edits, *last.header_edits),
+        add_rcpts=(*add, *last.add_rcpts),
+        del_rcpts=(*delete, *last.del_rcpts),
+        log_notes=(*notes, *last.log_notes),
+        reason="; ".join(reasons),
+    )

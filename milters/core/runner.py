@@ -1,0 +1,175 @@
+"""Run one filter: libmilter on its socket, pre-forked workers, reload and drain.
+
+The parent opens the listening socket once, sets TCP_NODELAY on it (Linux copies
+it to every accepted socket: no 40 ms Nagle stall on our replies, see
+shared/notes/milter-latency.md) and O_NONBLOCK (several workers accept on it),
+then forks `workers` processes that each run libmilter's accept loop with their
+own GIL. libmilter handles SIGHUP in a worker as "stop", so reloads are done by
+the parent: it builds the new runtime, and only if that succeeds starts fresh
+workers on the same socket and retires the old ones, which drain their open
+sessions first. A bad new config is logged and the old workers keep serving.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+import Milter
+import milter
+
+from milters.core.adapter import action_flags, adapter_class
+from milters.core.config import Config
+from milters.core.errors import ConfigError, MiltersError
+from milters.core.runtime import Runtime, SessionCounter
+from milters.core.sockets import SocketSpec, parse_socket
+from milters.core.supervisor import Supervisor, block_signals, child_signals
+
+log = logging.getLogger(__name__)
+
+# How long a stopping worker waits for its open sessions to finish.
+DRAIN_SECONDS = 30.0
+
+
+def _register(name: str, runtime: Runtime) -> None:
+    """Install the C-level callbacks; they dispatch to the per-connection Session."""
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
+    milter.set_flags(action_flags(runtime))
+    milter.register(
+        name,
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+
+
+def find_listening_fd(spec: SocketSpec) -> int:
+    """The fd of the socket libmilter opened (it does not hand it out)."""
+    for entry in os.listdir("/proc/self/fd"):
+        fd = int(entry)
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                continue
+            name = sock.getsockname()
+            if spec.family == "unix":
+                if name == spec.path:
+                    return fd
+            elif isinstance(name, tuple) and name[1] == spec.port:
+                return fd
+        except OSError:
+            continue
+        finally:
+            sock.close()
+    raise MiltersError(f"cannot find the listening socket for {spec}")
+
+
+def tune_listener(fd: int, spec: SocketSpec) -> None:
+    if spec.family != "unix":
+        sock = socket.socket(fileno=os.dup(fd))
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        finally:
+            sock.close()
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+
+def _worker(runtime: Runtime) -> None:
+    """Body of a forked worker: libmilter's loop, then drain, then exit."""
+    child_signals()
+    sessions = SessionCounter()
+    Milter.factory = adapter_class(runtime, sessions)
+    status = 0
+    try:
+        milter.main()
+    except milter.error as exc:
+        log.error("filter %s: libmilter stopped: %s", runtime.filter.name, exc)
+        status = 1
+    finally:
+        open_now = sessions.open
+        if open_now:
+            log.info("filter %s: draining %d open session(s)", runtime.filter.name, open_now)
+            if not sessions.wait_idle(DRAIN_SECONDS):
+                log.warning("filter %s: %d session(s) still open after %.0f s; exiting",
+                            runtime.filter.name, sessions.open, DRAIN_SECONDS)
+        logging.shutdown()
+        os._exit(status)
+
+
+def _forker(get_runtime: Callable[[], Runtime]) -> Callable[[str], int]:
+    def spawn(slot: str) -> int:
+        runtime = get_runtime()
+        pid = os.fork()
+        if pid == 0:
+            _worker(runtime)
+        return pid
+
+    return spawn
+
+
+def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
+               reload_config: Callable[[], Config]) -> int:
+    """Serve filter `name` until SIGTERM. Returns the process exit status."""
+    runtime = build(cfg, name)
+    settings = cfg.filters[name]
+    spec = parse_socket(settings.socket)
+    if not spec.is_loopback:
+        log.warning("filter %s listens on %s, which is not loopback: make sure only "
+                    "your MTA can reach it", name, spec)
+    _register(name, runtime)
+    milter.setconn(spec.libmilter)
+    milter.settimeout(int(settings.timeout))
+    try:
+        milter.opensocket(True)
+    except milter.error as exc:
+        raise MiltersError(f"filter {name}: cannot listen on {spec}: {exc}") from None
+    fd = find_listening_fd(spec)
+    tune_listener(fd, spec)
+    for line in runtime.filter.describe():
+        log.info("filter %s: %s", name, line)
+    log.info("filter %s: listening on %s (Postfix: %s) with %d worker(s), mode=%s",
+             name, spec.libmilter, spec.postfix, settings.workers, runtime.policy.mode)
+
+    current = [runtime]
+    block_signals()
+    sup = Supervisor(f"filter {name}", _forker(lambda: current[0]))
+    for i in range(settings.workers):
+        sup.start(f"worker {i + 1}")
+
+    def on_reload() -> None:
+        try:
+            new_cfg = reload_config()
+            new_rt = build(new_cfg, name)
+        except ConfigError as exc:
+            log.error("filter %s: reload refused, keeping the running configuration:\n%s",
+                      name, exc)
+            return
+        new_spec = parse_socket(new_cfg.filters[name].socket)
+        if new_spec != spec:
+            log.error("filter %s: reload refused: the socket changed (%s -> %s); "
+                      "restart the filter to move it", name, spec, new_spec)
+            return
+        current[0] = new_rt
+        old = [pid for pid, c in sup.children.items() if not c.retiring]
+        for i in range(new_cfg.filters[name].workers):
+            sup.start(f"worker {i + 1}")
+        sup.retire(old)
+        log.info("filter %s: configuration reloaded from %s", name, new_cfg.source)
+
+    return sup.loop(on_reload, grace=DRAIN_SECONDS + 10)

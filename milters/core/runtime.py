@@ -1,0 +1,57 @@
+"""The process-wide state of one filter process: settings, the built filter, policy.
+
+Built once per (re)load, immutable, shared by every libmilter thread. A reload
+builds a new one and new workers serve it (see runner.py); the old one is
+never mutated.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from milters.core.config import Config
+from milters.core.filter import Env, Filter
+from milters.core.policy import SitePolicy
+
+
+@dataclass(frozen=True)
+class Runtime:
+    config: Config
+    filter: Filter
+    policy: SitePolicy
+    # RFC 8601 §5: whether this filter removes every incoming field with our
+    # authserv-id (it is first in chain order), see core/authresults.py.
+    strip_all_forged: bool
+
+    @property
+    def env(self) -> Env:
+        return self.filter.env
+
+
+class SessionCounter:
+    """Open SMTP sessions of this process, so that a stop can drain them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._open = 0
+
+    def opened(self) -> None:
+        with self._lock:
+            self._open += 1
+
+    def closed(self) -> None:
+        with self._lock:
+            self._open = max(0, self._open - 1)
+            if self._open == 0:
+                self._idle.notify_all()
+
+    @property
+    def open(self) -> int:
+        with self._lock:
+            return self._open
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._lock:
+            return self._idle.wait_for(lambda: self._open == 0, timeout)

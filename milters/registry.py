@@ -1,0 +1,60 @@
+"""The explicit list of filters, in chain order, and how to build a filter's runtime.
+
+Chain order is the order `smtpd_milters` should list them in: verifiers before
+DMARC (which reads their results), content checks last. The first enabled one
+removes forged Authentication-Results fields (core/authresults.py).
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping
+
+from milters.checks import ChecksFilter
+from milters.core.config import Config, config_path, load_config
+from milters.core.errors import ConfigError
+from milters.core.filter import Env, Filter
+from milters.core.policy import SitePolicy
+from milters.core.runtime import Runtime
+
+FILTERS: Mapping[str, type[Filter]] = types.MappingProxyType(
+    {cls.name: cls for cls in (ChecksFilter,)}
+)
+
+
+def load(path: str | None) -> Config:
+    """The config named by --config, $MILTERS_CONFIG or the default path."""
+    p, must_exist = config_path(path)
+    return load_config(
+        p,
+        {name: cls.settings_class for name, cls in FILTERS.items()},
+        {name: cls.default_socket() for name, cls in FILTERS.items()},
+        must_exist=must_exist,
+    )
+
+
+def filter_class(name: str) -> type[Filter]:
+    try:
+        return FILTERS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown filter {name!r}; the filters are: {', '.join(FILTERS)}"
+        ) from None
+
+
+def build_runtime(cfg: Config, name: str) -> Runtime:
+    """Build the filter (tables compiled, keys loaded). Raises ConfigError."""
+    cls = filter_class(name)
+    settings = cfg.filters[name]
+    env = Env(cfg.global_)
+    flt = cls(settings, env)
+    policy = SitePolicy(
+        filter_name=name,
+        mode=cfg.mode_of(name),
+        soft_bounce=cfg.global_.soft_bounce,
+        on_error=cfg.on_error_of(name),
+        bypass_recipients=cfg.global_.bypass_recipients,
+    )
+    enabled = [n for n in FILTERS if cfg.filters[n].enabled]
+    first = enabled[0] if enabled else name
+    return Runtime(cfg, flt, policy, strip_all_forged=(first == name))
