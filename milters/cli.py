@@ -1,5 +1,342 @@
-"""The `milters` command (placeholder, being written)."""
+"""The `milters` command: run, serve, check, test and probe the suite's filters."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from milters import __version__, registry
+from milters.core.config import Config, render_config
+from milters.core.errors import ConfigError, MiltersError
+from milters.core.logs import setup_logging
+
+log = logging.getLogger("milters")
+
+EX_NOINPUT = 66
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+
+DESCRIPTION = """\
+One suite of mail filters (milters) for Postfix: DKIM, SPF, DMARC, ClamAV and
+Postfix-style header/body checks. Each filter is its own process on its own
+socket; all of them read one TOML config file.
+
+Config file: --config FILE, else $MILTERS_CONFIG, else /etc/milters/milters.toml
+(if that is missing, the built-in defaults: every filter enabled on loopback).
+"""
+
+ENVELOPE_HELP = """\
+The envelope options describe the SMTP session as Postfix would see it: the
+client's address and verified name, HELO, MAIL FROM, RCPT TO, and the SASL
+login of an authenticated client."""
+
+EPILOG = """\
+commands:
+  run NAME          run one filter in the foreground (what systemd calls)
+  serve             run every enabled filter, each as its own process
+  check-config      print the effective configuration, or every error in it
+  test FILE.eml     run a message through the filters offline and show verdicts
+  probe SOCKET FILE.eml
+                    send a message to a running milter (ours or any other) as
+                    Postfix would, and print every action it answers
+
+Postfix main.cf wiring (see README.md):
+  smtpd_milters = inet:127.0.0.1:8895
+  non_smtpd_milters = $smtpd_milters
+  milter_default_action = tempfail
+  milter_protocol = 6
+"""
 
 
-def main() -> int:
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="config file (default: $MILTERS_CONFIG or /etc/milters/milters.toml)")
+
+
+def _add_envelope(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("envelope", ENVELOPE_HELP)
+    g.add_argument("--client-ip", default="192.0.2.1", metavar="IP",
+                   help="SMTP client address (default: %(default)s)")
+    g.add_argument("--client-name", default="unknown", metavar="HOST",
+                   help="client's verified host name, or 'unknown' (default: %(default)s)")
+    g.add_argument("--helo", default="", metavar="NAME", help="HELO/EHLO name")
+    g.add_argument("--from", dest="mail_from", default="", metavar="ADDR",
+                   help="envelope sender, MAIL FROM (default: the null sender <>)")
+    g.add_argument("--rcpt", action="append", metavar="ADDR",
+                   help="envelope recipient, RCPT TO; repeat for several "
+                        "(default: postmaster@localhost)")
+    g.add_argument("--auth", dest="auth_user", default="", metavar="USER",
+                   help="SASL login name: the client is authenticated")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="milters", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"milters {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    names = ", ".join(registry.FILTERS)
+
+    p = sub.add_parser(
+        "run", help="run one filter in the foreground",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(f"""\
+            Run one filter in the foreground on the socket from its config table
+            (what the systemd unit milters@NAME.service calls). Filters: {names}.
+
+            Logs go to stderr, one line per message with the Postfix queue id.
+            SIGTERM stops accepting, lets open sessions finish, then exits.
+            SIGHUP re-reads the config and table files: if they are valid, new
+            workers take over; if not, the error is logged and the running
+            configuration stays in force.
+            Exit status: 0 after SIGTERM, {EX_CONFIG} on a config error."""),
+    )
+    p.add_argument("name", metavar="NAME", help=f"the filter: {names}")
+    _add_config(p)
+
+    p = sub.add_parser(
+        "serve", help="run every enabled filter as its own process",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Run every enabled filter, each as a child process (`milters run NAME`)
+            on its own socket: the single-host way to run the suite without
+            systemd. A child that dies is logged and restarted. SIGTERM stops
+            all of them cleanly; SIGHUP re-validates the config and passes the
+            reload on (a bad config is refused and logged; the old one stays)."""),
+    )
+    _add_config(p)
+
+    p = sub.add_parser(
+        "check-config", help="print the effective configuration or its errors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(f"""\
+            Read the config file and every table and key file it names, and print
+            the effective configuration (every key, defaults included) as TOML.
+            On errors, print each one, naming the file, table and key, and exit
+            with status {EX_CONFIG}."""),
+    )
+    _add_config(p)
+
+    p = sub.add_parser(
+        "test", help="run a message through the filters offline",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Run a message (a .eml file, or - for stdin) through the filters'
+            decisions offline, as if it came over SMTP with the envelope below,
+            and print each filter's results, verdict and the header changes it
+            would make. No MTA and no running filter are needed.
+            Exit status: 0 if every filter accepts, 1 if one refuses."""),
+    )
+    p.add_argument("message", metavar="FILE.eml", help="the message, or - for stdin")
+    p.add_argument("--filter", action="append", metavar="NAME",
+                   help="only this filter (repeat for several; default: every enabled one)")
+    _add_config(p)
+    _add_envelope(p)
+
+    p = sub.add_parser(
+        "probe", help="send a message to a running milter and show its answers",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Connect to a running milter (ours, OpenDKIM, clamav-milter, ...) over
+            the milter protocol, as Postfix does, send the message with the
+            envelope below, and print every reply and modification it answers:
+            negotiated options, per-stage replies, headers added or changed,
+            recipients, quarantine, the final verdict and the time taken.
+            SOCKET: inet:PORT@HOST, inet:HOST:PORT or unix:/PATH.
+            Exit status: 0 accepted, 1 refused, 69 milter unreachable."""),
+    )
+    p.add_argument("socket", metavar="SOCKET", help="the milter's socket")
+    p.add_argument("message", metavar="FILE.eml", help="the message, or - for stdin")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="per-reply timeout (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--queue-id", default="", metavar="ID", help="the `i` macro to send")
+    _add_envelope(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return int(COMMANDS[args.command](args))
+    except ConfigError as exc:
+        print(f"milters: configuration error:\n{_indent(str(exc))}", file=sys.stderr)
+        return EX_CONFIG
+    except MiltersError as exc:
+        print(f"milters: {exc}", file=sys.stderr)
+        return EX_SOFTWARE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.splitlines())
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from milters.core.runner import run_filter
+
+    cfg = registry.load(args.config)
+    registry.filter_class(args.name)
+    setup_logging(cfg.global_.log_level)
+    if not cfg.filters[args.name].enabled:
+        log.warning("filter %s is disabled in %s; running it anyway as asked",
+                    args.name, cfg.source)
+    return run_filter(args.name, cfg, registry.build_runtime, lambda: registry.load(args.config))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = registry.load(args.config)
+    problems: list[str] = []
+    described: list[str] = []
+    for name, fs in cfg.filters.items():
+        if not fs.enabled:
+            continue
+        try:
+            rt = registry.build_runtime(cfg, name)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        described += [f"# {name}: {line}" for line in rt.filter.describe()]
+    if problems:
+        raise ConfigError(problems=problems)
+    sys.stdout.write(render_config(cfg))
+    if described:
+        print()
+        print("\n".join(described))
     return 0
+
+
+def _read_message(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise MiltersError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from milters.offline import Envelope, format_report, run_offline
+
+    cfg = registry.load(args.config)
+    setup_logging("warning")
+    names = args.filter or [n for n, fs in cfg.filters.items() if fs.enabled]
+    for n in names:
+        registry.filter_class(n)
+    message = _read_message(args.message)
+    env = Envelope(
+        client_ip=args.client_ip, client_name=args.client_name, helo=args.helo,
+        mail_from=args.mail_from, rcpt_to=tuple(args.rcpt or ("postmaster@localhost",)),
+        auth_user=args.auth_user,
+    )
+    refused = False
+    for name in names:
+        report = run_offline(registry.build_runtime(cfg, name), message, env)
+        print(format_report(report, cfg))
+        refused = refused or report.verdict.final
+    return 1 if refused else 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from milters import client
+
+    message = _read_message(args.message)
+    env = client.Envelope(
+        client_ip=args.client_ip, client_name=args.client_name,
+        helo=args.helo or "probe.invalid", mail_from=args.mail_from,
+        rcpt_to=list(args.rcpt or ["postmaster@localhost"]), auth_user=args.auth_user,
+        **({"queue_id": args.queue_id} if args.queue_id else {}),
+    )
+    try:
+        result = client.probe(args.socket, message, env, timeout=args.timeout)
+    except (OSError, client.ProtocolError) as exc:
+        print(f"milters probe: {args.socket}: {exc}", file=sys.stderr)
+        return 69
+    print(result.to_json() if args.json else client.format_probe(result))
+    return 0 if result.verdict in ("accept", "continue") else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from milters.core.supervisor import Supervisor, block_signals
+
+    cfg = registry.load(args.config)
+    setup_logging(cfg.global_.log_level)
+    for name, fs in cfg.filters.items():
+        if fs.enabled:
+            registry.build_runtime(cfg, name)  # refuse to start on a bad table or key
+    state: dict[str, Config] = {"cfg": cfg}
+
+    def spawn(name: str) -> int:
+        argv = [sys.executable, "-m", "milters", "run", name]
+        if args.config:
+            argv += ["--config", args.config]
+        # The child must not inherit our blocked signal mask.
+        proc = subprocess.Popen(argv, restore_signals=True, start_new_session=False,
+                                preexec_fn=_unblock_signals)
+        return proc.pid
+
+    block_signals()
+    sup = Supervisor("serve", spawn)
+    enabled = [n for n, fs in cfg.filters.items() if fs.enabled]
+    if not enabled:
+        log.error("serve: no filter is enabled in %s", cfg.source)
+        return EX_CONFIG
+    for name in enabled:
+        sup.start(name)
+    log.info("serve: started %s from %s", ", ".join(enabled), cfg.source)
+
+    def on_reload() -> None:
+        try:
+            new = registry.load(args.config)
+            for name, fs in new.filters.items():
+                if fs.enabled:
+                    registry.build_runtime(new, name)
+        except ConfigError as exc:
+            log.error("serve: reload refused, keeping the running configuration:\n%s", exc)
+            return
+        old = state["cfg"]
+        state["cfg"] = new
+        for pid, child in list(sup.children.items()):
+            if child.retiring:
+                continue
+            fs = new.filters[child.slot]
+            if not fs.enabled:
+                sup.retire([pid])
+            elif fs.socket != old.filters[child.slot].socket:
+                sup.retire([pid])
+                sup.start(child.slot)
+            else:
+                os.kill(pid, signal.SIGHUP)
+        running = set(sup.slots())
+        for name, fs in new.filters.items():
+            if fs.enabled and name not in running:
+                sup.start(name)
+        log.info("serve: configuration reloaded from %s", new.source)
+
+    return sup.loop(on_reload, grace=60.0)
+
+
+def _unblock_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "serve": cmd_serve,
+    "check-config": cmd_check_config,
+    "test": cmd_test,
+    "probe": cmd_probe,
+}

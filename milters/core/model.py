@@ -150,3 +150,42 @@ def unbracket(address: str) -> str:
     if address.startswith("<") and address.endswith(">"):
         address = address[1:-1]
     return address
+
+
+def parse_message(raw: bytes) -> tuple[list[Header], bytes]:
+    """Split an RFC 5322 message into header fields and body, as Postfix hands them over.
+
+    A field's value is every byte after the colon (leading space kept, as with
+    SMFIP_HDR_LEADSPC), folded lines joined by "\\n"; the body has CRLF line ends.
+    A line in the header that is neither a field nor a continuation ends the
+    header, as Postfix's cleanup treats it (it becomes the first body line).
+    """
+    data = raw.replace(b"\r\n", b"\n")
+    lines = data.split(b"\n")
+    headers: list[tuple[bytes, list[bytes]]] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line == b"":
+            i += 1
+            break
+        if line[:1] in (b" ", b"\t") and headers:
+            headers[-1][1].append(line)
+            i += 1
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon or not name or any(c <= 32 or c > 126 for c in name):
+            break  # not a header line: the body starts here
+        headers.append((name, [value]))
+        i += 1
+    body_lines = lines[i:]
+    if body_lines and body_lines[-1] == b"":
+        body_lines = body_lines[:-1]
+        body = b"\r\n".join(body_lines) + b"\r\n" if body_lines else b""
+    else:
+        body = b"\r\n".join(body_lines)
+    fields = [
+        Header(name.decode("ascii", "surrogateescape"), b"\n".join(parts))
+        for name, parts in headers
+    ]
+    return fields, body
