@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import Milter
+import milter
 
 from milters.core import authresults
 from milters.core.filter import Stage
@@ -254,3 +255,38 @@ def action_flags(runtime: Runtime) -> int:
     if f.may_quarantine:
         flags |= Milter.QUARANTINE
     return int(flags)
+
+
+LibmilterError = milter.error
+
+
+def open_socket(name: str, runtime: Runtime, conn: str, timeout: int) -> None:
+    """Register the callbacks and open the listening socket (before any fork)."""
+    milter.set_connect_callback(Milter.connect_callback)
+    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    milter.set_close_callback(Milter.close_callback)
+    milter.set_flags(action_flags(runtime))
+    milter.register(
+        name,
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+    milter.setconn(conn)
+    milter.settimeout(timeout)
+    milter.opensocket(True)
+
+
+def serve_forever(runtime: Runtime, sessions: SessionCounter) -> None:
+    """libmilter's accept loop, until it is told to stop (SIGTERM)."""
+    # pymilter makes each session from this one module attribute; it is set once
+    # per worker process, before any thread exists.
+    Milter.factory = adapter_class(runtime, sessions)
+    milter.main()

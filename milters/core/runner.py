@@ -18,10 +18,7 @@ import os
 import socket
 from collections.abc import Callable
 
-import Milter
-import milter
-
-from milters.core.adapter import action_flags, adapter_class
+from milters.core.adapter import LibmilterError, open_socket, serve_forever
 from milters.core.config import Config
 from milters.core.errors import ConfigError, MiltersError
 from milters.core.runtime import Runtime, SessionCounter
@@ -32,27 +29,6 @@ log = logging.getLogger(__name__)
 
 # How long a stopping worker waits for its open sessions to finish.
 DRAIN_SECONDS = 30.0
-
-
-def _register(name: str, runtime: Runtime) -> None:
-    """Install the C-level callbacks; they dispatch to the per-connection Session."""
-    milter.set_connect_callback(Milter.connect_callback)
-    milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
-    milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
-    milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
-    milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
-    milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
-    milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-    milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-    milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
-    milter.set_close_callback(Milter.close_callback)
-    milter.set_flags(action_flags(runtime))
-    milter.register(
-        name,
-        data=lambda ctx: ctx.getpriv().data(),
-        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
-        negotiate=Milter.negotiate_callback,
-    )
 
 
 def find_listening_fd(spec: SocketSpec) -> int:
@@ -94,11 +70,10 @@ def _worker(runtime: Runtime) -> None:
     """Body of a forked worker: libmilter's loop, then drain, then exit."""
     child_signals()
     sessions = SessionCounter()
-    Milter.factory = adapter_class(runtime, sessions)
     status = 0
     try:
-        milter.main()
-    except milter.error as exc:
+        serve_forever(runtime, sessions)
+    except LibmilterError as exc:
         log.error("filter %s: libmilter stopped: %s", runtime.filter.name, exc)
         status = 1
     finally:
@@ -132,12 +107,9 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
     if not spec.is_loopback:
         log.warning("filter %s listens on %s, which is not loopback: make sure only "
                     "your MTA can reach it", name, spec)
-    _register(name, runtime)
-    milter.setconn(spec.libmilter)
-    milter.settimeout(int(settings.timeout))
     try:
-        milter.opensocket(True)
-    except milter.error as exc:
+        open_socket(name, runtime, spec.libmilter, int(settings.timeout))
+    except LibmilterError as exc:
         raise MiltersError(f"filter {name}: cannot listen on {spec}: {exc}") from None
     fd = find_listening_fd(spec)
     tune_listener(fd, spec)
