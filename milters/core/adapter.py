@@ -53,6 +53,13 @@ class Session(Milter.Base):  # type: ignore[misc]
         self.sessions.opened()
         self._counted = True
 
+    def negotiate(self, opts: list[int]) -> int:
+        # pymilter hands back every action the MTA offers; declare only ours.
+        rc = int(super().negotiate(opts))
+        opts[0] &= action_flags(self.runtime)
+        self._actions = opts[0]
+        return rc
+
     def _macros(self, names: tuple[str, ...], into: dict[str, str]) -> None:
         for name in names:
             value = self.getsymval(name)
