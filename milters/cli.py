@@ -120,9 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
             Read the config file and every table and key file it names, and print
             the effective configuration (every key, defaults included) as TOML.
             On errors, print each one, naming the file, table and key, and exit
-            with status {EX_CONFIG}."""),
+            with status {EX_CONFIG}. With --sample, print the fully commented
+            sample config instead (every key with its default)."""),
     )
     _add_config(p)
+    p.add_argument("--sample", action="store_true",
+                   help="print the commented sample config (conf/milters.toml)")
 
     p = sub.add_parser(
         "test", help="run a message through the filters offline",
@@ -197,6 +200,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    if args.sample:
+        sys.stdout.write(registry.sample_config())
+        return 0
     cfg = registry.load(args.config)
     problems: list[str] = []
     described: list[str] = []

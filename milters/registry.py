@@ -11,7 +11,7 @@ import types
 from collections.abc import Mapping
 
 from milters.checks import ChecksFilter
-from milters.core.config import Config, config_path, load_config
+from milters.core.config import Config, config_path, load_config, render_sample
 from milters.core.errors import ConfigError
 from milters.core.filter import Env, Filter
 from milters.core.policy import SitePolicy
@@ -58,3 +58,16 @@ def build_runtime(cfg: Config, name: str) -> Runtime:
     enabled = [n for n in FILTERS if cfg.filters[n].enabled]
     first = enabled[0] if enabled else name
     return Runtime(cfg, flt, policy, strip_all_forged=(first == name))
+
+
+def sample_config() -> str:
+    """The commented sample config (conf/milters.toml is this text; a test checks it)."""
+    intros = {
+        name: "\n".join(line.strip() for line in (cls.__doc__ or "").strip().splitlines())
+        for name, cls in FILTERS.items()
+    }
+    return render_sample(
+        {name: cls.settings_class for name, cls in FILTERS.items()},
+        {name: cls.default_socket() for name, cls in FILTERS.items()},
+        intros,
+    )

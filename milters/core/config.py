@@ -399,3 +399,50 @@ def toml_value(value: Any) -> str:
     if isinstance(value, tuple | list):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot render {value!r}")
+
+
+SAMPLE_HEADER = """\
+# milters.toml: the configuration of the milters suite (all filters read it).
+#
+# Every key is shown with its default value, commented out: an empty file (or
+# none) gives a working suite. Uncomment and change what you need. A misspelt or
+# unknown key is an error that `milters check-config` shows with a suggestion.
+# Default path: /etc/milters/milters.toml (--config FILE or $MILTERS_CONFIG).
+"""
+
+
+def render_sample(
+    filter_classes: Mapping[str, type[FilterSettings]],
+    default_sockets: Mapping[str, str],
+    intros: Mapping[str, str] | None = None,
+) -> str:
+    """The fully commented sample config: every key, its doc and its default."""
+    out = [SAMPLE_HEADER]
+    out += _sample_table("global", GlobalSettings(authserv_id="mx.example.com"),
+                         "Settings every filter shares.")
+    for name, cls in filter_classes.items():
+        intro = (intros or {}).get(name, "")
+        out += _sample_table(name, cls(socket=default_sockets[name]), intro)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _sample_table(name: str, obj: Any, intro: str) -> list[str]:
+    lines = [f"[{name}]"]
+    if intro:
+        lines = [*(f"# {t}" for t in intro.splitlines()), *lines]
+    nested: list[tuple[str, Any, str]] = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        doc = f.metadata.get("doc", "")
+        if dataclasses.is_dataclass(value):
+            nested.append((f"{name}.{f.name}", value, (type(value).__doc__ or "").strip()))
+            continue
+        lines.append(f"# {doc}" if doc else "#")
+        if value is None:
+            lines.append(f"# {f.name}: not set by default")
+        else:
+            lines.append(f"#{f.name} = {toml_value(value)}")
+    lines.append("")
+    for sub, value, doc in nested:
+        lines += _sample_table(sub, value, doc.split(":", 1)[-1].strip())
+    return lines
