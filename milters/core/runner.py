@@ -8,6 +8,7 @@ own GIL. libmilter handles SIGHUP in a worker as "stop", so reloads are done by
 the parent: it builds the new runtime, and only if that succeeds starts fresh
 workers on the same socket and retires the old ones, which drain their open
 sessions first. A bad new config is logged and the old workers keep serving.
+SIGTERM to the parent drains every worker the same way, then exits.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable
 
 from milters.core.adapter import LibmilterError, open_socket, serve_forever
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # How long a stopping worker waits for its open sessions to finish.
 DRAIN_SECONDS = 30.0
+# What the parent sends a worker to make it drain and exit.
+DRAIN_SIGNAL = signal.SIGUSR1
 
 
 def find_listening_fd(spec: SocketSpec) -> int:
@@ -66,33 +71,58 @@ def tune_listener(fd: int, spec: SocketSpec) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
-def _worker(runtime: Runtime) -> None:
-    """Body of a forked worker: libmilter's loop, then drain, then exit."""
+def _worker(runtime: Runtime, listen_fd: int) -> None:
+    """Body of a forked worker: libmilter's loop, and a thread that waits for a drain."""
     child_signals()
+    # Blocked before libmilter starts its threads, so they all inherit the block
+    # and only the drain thread's sigwait receives it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {DRAIN_SIGNAL})
     sessions = SessionCounter()
+    threading.Thread(
+        target=_drain_on_request, args=(runtime.filter.name, sessions, listen_fd),
+        name="drain", daemon=True,
+    ).start()
     status = 0
     try:
         serve_forever(runtime, sessions)
     except LibmilterError as exc:
         log.error("filter %s: libmilter stopped: %s", runtime.filter.name, exc)
         status = 1
-    finally:
-        open_now = sessions.open
-        if open_now:
-            log.info("filter %s: draining %d open session(s)", runtime.filter.name, open_now)
-            if not sessions.wait_idle(DRAIN_SECONDS):
-                log.warning("filter %s: %d session(s) still open after %.0f s; exiting",
-                            runtime.filter.name, sessions.open, DRAIN_SECONDS)
-        logging.shutdown()
-        os._exit(status)
+    logging.shutdown()
+    os._exit(status)
 
 
-def _forker(get_runtime: Callable[[], Runtime]) -> Callable[[str], int]:
+def _drain_on_request(name: str, sessions: SessionCounter, listen_fd: int) -> None:
+    """Stop taking connections, let the open sessions finish, then exit.
+
+    libmilter's own stop (SIGTERM) also stops serving the sessions in progress
+    (Debian builds it with the worker pool), so we never ask it to stop: this
+    worker's listening fd is replaced by a pipe that never becomes readable, its
+    accept loop idles, and the other workers (or the parent, for new workers)
+    keep the real socket. Postfix keeps a milter connection for a whole SMTP
+    session, so the wait is bounded by DRAIN_SECONDS.
+    """
+    # libmilter's signal thread must be the one that gets these, not us.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
+    signal.sigwait({DRAIN_SIGNAL})
+    never_readable, _keep_open = os.pipe()
+    os.dup2(never_readable, listen_fd)
+    open_now = sessions.open
+    if open_now:
+        log.info("filter %s: draining %d open session(s)", name, open_now)
+    if not sessions.wait_idle(DRAIN_SECONDS):
+        log.warning("filter %s: %d session(s) still open after %.0f s; exiting",
+                    name, sessions.open, DRAIN_SECONDS)
+    logging.shutdown()
+    os._exit(0)
+
+
+def _forker(get_runtime: Callable[[], Runtime], listen_fd: int) -> Callable[[str], int]:
     def spawn(slot: str) -> int:
         runtime = get_runtime()
         pid = os.fork()
         if pid == 0:
-            _worker(runtime)
+            _worker(runtime, listen_fd)
         return pid
 
     return spawn
@@ -120,7 +150,7 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
 
     current = [runtime]
     block_signals()
-    sup = Supervisor(f"filter {name}", _forker(lambda: current[0]))
+    sup = Supervisor(f"filter {name}", _forker(lambda: current[0], fd), stop_signal=DRAIN_SIGNAL)
     for i in range(settings.workers):
         sup.start(f"worker {i + 1}")
 

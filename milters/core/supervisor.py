@@ -38,6 +38,7 @@ class Supervisor:
 
     what: str
     spawn: Callable[[str], int]
+    stop_signal: int = signal.SIGTERM
     children: dict[int, Child] = field(default_factory=dict)
     quick_deaths: dict[str, int] = field(default_factory=dict)
     stopping: bool = False
@@ -50,7 +51,8 @@ class Supervisor:
     def slots(self) -> list[str]:
         return [c.slot for c in self.children.values() if not c.retiring]
 
-    def retire(self, pids: list[int], sig: int = signal.SIGTERM) -> None:
+    def retire(self, pids: list[int], sig: int | None = None) -> None:
+        sig = self.stop_signal if sig is None else sig
         for pid in pids:
             child = self.children.get(pid)
             if child is None:
@@ -89,7 +91,7 @@ class Supervisor:
             self.start(child.slot)
 
     def stop_all(self, grace: float) -> None:
-        """SIGTERM every child, wait up to `grace` seconds, then SIGKILL the rest."""
+        """Signal every child to stop, wait up to `grace` seconds, then SIGKILL the rest."""
         self.stopping = True
         self.retire(list(self.children))
         deadline = time.monotonic() + grace
