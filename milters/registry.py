@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import types
 from collections.abc import Mapping
+from typing import Any
 
 from milters.checks import ChecksFilter
-from milters.core.config import Config, config_path, load_config, render_sample
+from milters.core.config import (
+    Config,
+    build_config,
+    config_path,
+    load_config,
+    render_sample,
+)
 from milters.core.errors import ConfigError
 from milters.core.filter import Env, Filter
 from milters.core.policy import SitePolicy
@@ -30,6 +37,16 @@ def load(path: str | None) -> Config:
         {name: cls.settings_class for name, cls in FILTERS.items()},
         {name: cls.default_socket() for name, cls in FILTERS.items()},
         must_exist=must_exist,
+    )
+
+
+def load_from_mapping(data: Mapping[str, Any], source: str = "(mapping)") -> Config:
+    """A config from already-parsed TOML data (tests, tools)."""
+    return build_config(
+        data,
+        source,
+        {name: cls.settings_class for name, cls in FILTERS.items()},
+        {name: cls.default_socket() for name, cls in FILTERS.items()},
     )
 
 
