@@ -28,6 +28,7 @@ and returns a `ProbeResult` that `format_probe()` renders for an administrator.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import re
@@ -35,25 +36,27 @@ import secrets
 import socket
 import struct
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from milters.core.errors import MiltersError
 from milters.core.sockets import SocketSpec, parse_socket
 from milters.core.verdict import EditKind, HeaderEdit
 
 __all__ = [
+    "ALL_ACTIONS",
     "DEFAULT_MACRO_LISTS",
+    "POSTFIX_PROTOCOL",
     "ActionFlag",
     "Envelope",
     "MilterClientError",
     "MilterClosed",
+    "MilterSession",
     "MilterTimeout",
     "MilterUnavailable",
-    "MilterSession",
     "Negotiated",
     "ProbeResult",
     "ProtocolError",
@@ -63,8 +66,10 @@ __all__ = [
     "StageReply",
     "apply_header_edits",
     "format_probe",
+    "new_queue_id",
     "parse_message",
     "probe",
+    "run_transaction",
 ]
 
 # ---------------------------------------------------------------------------
@@ -246,6 +251,7 @@ POSTFIX_REJECT_TEXT = "550 5.7.1 Command rejected"
 POSTFIX_TEMPFAIL_TEXT = "451 4.7.1 Service unavailable - try again later"
 POSTFIX_SHUTDOWN_TEXT = "421 4.7.0 Server closing connection"
 
+_LEADSPC_BIT = int(ProtocolFlag.HDR_LEADSPC)
 _LEN = struct.Struct(">I")
 _HDR = struct.Struct(">IB")
 
@@ -264,17 +270,25 @@ class _Event:
     # milter8.c sends envelope-stage macros even when the event itself was
     # negotiated away; content callbacks are not run at all then (no macros).
     macros_when_skipped: bool
+    no_bit: int = field(init=False)  # the flags as plain ints, for speed
+    nr_bit: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "no_bit", int(self.no_flag))
+        object.__setattr__(self, "nr_bit", int(self.nr_flag))
 
 
 _NONE = ProtocolFlag(0)
-_CONNECT = _Event("connect", SMFIC_CONNECT, ProtocolFlag.NOCONNECT, ProtocolFlag.NR_CONN,
-                  "connect", True)  # fmt: skip
+_CONNECT = _Event(
+    "connect", SMFIC_CONNECT, ProtocolFlag.NOCONNECT, ProtocolFlag.NR_CONN, "connect", True
+)
 _HELO = _Event("helo", SMFIC_HELO, ProtocolFlag.NOHELO, ProtocolFlag.NR_HELO, "helo", True)
 _MAIL = _Event("mail", SMFIC_MAIL, ProtocolFlag.NOMAIL, ProtocolFlag.NR_MAIL, "mail", True)
 _RCPT = _Event("rcpt", SMFIC_RCPT, ProtocolFlag.NORCPT, ProtocolFlag.NR_RCPT, "rcpt", True)
 _DATA = _Event("data", SMFIC_DATA, ProtocolFlag.NODATA, ProtocolFlag.NR_DATA, "data", True)
-_UNKNOWN = _Event("unknown", SMFIC_UNKNOWN, ProtocolFlag.NOUNKNOWN, ProtocolFlag.NR_UNKN,
-                  "unknown", True)  # fmt: skip
+_UNKNOWN = _Event(
+    "unknown", SMFIC_UNKNOWN, ProtocolFlag.NOUNKNOWN, ProtocolFlag.NR_UNKN, "unknown", True
+)
 _HEADER = _Event("header", SMFIC_HEADER, ProtocolFlag.NOHDRS, ProtocolFlag.NR_HDR, "eoh", False)
 _EOH = _Event("eoh", SMFIC_EOH, ProtocolFlag.NOEOH, ProtocolFlag.NR_EOH, "eoh", False)
 _BODY = _Event("body", SMFIC_BODY, ProtocolFlag.NOBODY, ProtocolFlag.NR_BODY, "eom", False)
@@ -445,7 +459,7 @@ class StageReply:
     def describe(self) -> str:
         if not self.sent:
             return f"not sent ({self.note})" if self.note else "not sent"
-        text = self.action
+        text: str = self.action
         if self.smtp_reply:
             text += f": {self.smtp_reply}"
         if not self.replied:
@@ -475,14 +489,19 @@ class StageReply:
 
 def _modification_dict(m: Modification) -> dict[str, Any]:
     if isinstance(m, HeaderEdit):
-        return {"type": "header", "op": m.kind.value, "name": m.name, "value": m.value,
-                "index": m.index}  # fmt: skip
+        return {
+            "type": "header",
+            "op": m.kind.value,
+            "name": m.name,
+            "value": m.value,
+            "index": m.index,
+        }
     if isinstance(m, RecipientChange):
         return {"type": "recipient", "op": m.kind, "address": m.address, "params": m.params}
     return {"type": "sender", "address": m.address, "params": m.params}
 
 
-Verdict = Literal["accept", "reject", "tempfail", "discard", "continue"]
+ProbeVerdict = Literal["accept", "reject", "tempfail", "discard", "continue"]
 
 
 @dataclass
@@ -492,7 +511,7 @@ class ProbeResult:
     spec: str
     negotiated: Negotiated
     stages: list[StageReply] = field(default_factory=list)
-    verdict: Verdict = "continue"
+    verdict: ProbeVerdict = "continue"
     smtp_reply: str = ""
     decided_at: str = ""  # the stage whose answer settled the verdict
     quarantine: str = ""
@@ -524,13 +543,15 @@ class ProbeResult:
             "rejected_recipients": dict(self.rejected_recipients),
             "header_edits": [_modification_dict(e) for e in self.header_edits],
             "recipient_changes": [_modification_dict(c) for c in self.recipient_changes],
-            "sender_change": None if self.sender_change is None else {
-                "address": self.sender_change.address, "params": self.sender_change.params},
-            "replaced_body": None if self.replaced_body is None
+            "sender_change": None
+            if self.sender_change is None
+            else {"address": self.sender_change.address, "params": self.sender_change.params},
+            "replaced_body": None
+            if self.replaced_body is None
             else self.replaced_body.decode("utf-8", "replace"),
             "stages": [s.to_dict() for s in self.stages],
             "elapsed_ms": round(self.elapsed_ms, 3),
-        }  # fmt: skip
+        }
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False)
@@ -687,12 +708,14 @@ class MilterSession:
         actions: ActionFlag = ALL_ACTIONS,
         protocol: ProtocolFlag = POSTFIX_PROTOCOL,
         macro_lists: Mapping[str, Sequence[str]] | None = None,
+        tcp_nodelay: bool = True,
     ) -> None:
         self.spec = spec if isinstance(spec, SocketSpec) else parse_socket(spec)
         self.timeout = timeout
         self.connect_timeout = timeout if connect_timeout is None else connect_timeout
         self.offer_actions = actions
         self.offer_protocol = protocol
+        self.tcp_nodelay = tcp_nodelay
         self._lists = {k: tuple(v) for k, v in DEFAULT_MACRO_LISTS.items()}
         if macro_lists:
             self._lists.update({k: tuple(v) for k, v in macro_lists.items()})
@@ -702,7 +725,9 @@ class MilterSession:
         self._out: list[bytes] = []
         self._negotiated: Negotiated | None = None
         self._skip_event: bytes | None = None  # after SMFIR_SKIP (milter8.c skip_event_type)
-        self._not_in_version = _NONE  # events the milter's older version lacks
+        self._not_in_version = 0  # SMFIP_NO* bits of events the milter's version lacks
+        self._proto = 0  # the negotiated SMFIP_* bits as a plain int
+        self._macro_cache: dict[tuple[bytes, str, str, bool, bool], bytes] = {}
         self._in_transaction = False
         self._queue_id_known = False  # Postfix opens the queue file after the 1st RCPT
         self._sender = ""
@@ -754,6 +779,7 @@ class MilterSession:
         if cmd != SMFIC_OPTNEG:
             self._fail(ProtocolError, f"answered {_reply_name(cmd)} to option negotiation")
         self._negotiated = self._parse_optneg(data)
+        self._proto = int(self._negotiated.protocol)
         return self._negotiated
 
     def _connect_socket(self) -> socket.socket:
@@ -770,16 +796,16 @@ class MilterSession:
             else:
                 sock = socket.create_connection((spec.host, spec.port), self.connect_timeout)
                 # Each of our writes is a whole batch of packets: don't let Nagle
-                # hold it back waiting for the milter's delayed ACK.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # hold it back waiting for the milter's delayed ACK. (Postfix sets
+                # no TCP_NODELAY; tcp_nodelay=False reproduces its stalls.)
+                if self.tcp_nodelay:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except TimeoutError:
             raise MilterUnavailable(
                 f"cannot connect to milter {spec}: no answer within {self.connect_timeout:g} s"
             ) from None
         except OSError as e:
-            raise MilterUnavailable(
-                f"cannot connect to milter {spec}: {e.strerror or e}"
-            ) from None
+            raise MilterUnavailable(f"cannot connect to milter {spec}: {e.strerror or e}") from None
         sock.settimeout(self.timeout)
         return sock
 
@@ -794,9 +820,9 @@ class MilterSession:
             extra = ActionFlag(actions & ~int(self.offer_actions))
             self._fail(ProtocolError, f"asks for actions not offered: {_flag_names(extra)}")
         if version < 4:  # milter8.c: no SMFIC_DATA before v4, no SMFIC_UNKNOWN before v3
-            self._not_in_version |= ProtocolFlag.NODATA
+            self._not_in_version |= int(ProtocolFlag.NODATA)
         if version < 3:
-            self._not_in_version |= ProtocolFlag.NOUNKNOWN
+            self._not_in_version |= int(ProtocolFlag.NOUNKNOWN)
         lists: dict[str, tuple[str, ...]] = {}
         rest = data[12:]
         # Secondary negotiation: (uint32 stage, "macro names\0") pairs.
@@ -829,10 +855,8 @@ class MilterSession:
         sock, self._sock = self._sock, None
         self._out.clear()
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()
 
     def quit(self) -> None:
@@ -865,6 +889,7 @@ class MilterSession:
         """SMFIC_CONNECT with the client's name, family, port and address."""
         if envelope is not None:
             self.envelope = envelope
+        self._macro_cache.clear()
         env = self.envelope
         name = env.client_name or "unknown"
         if name == "unknown" and env.client_ip:
@@ -887,6 +912,7 @@ class MilterSession:
         """SMFIC_MAIL; an open transaction is aborted first (Postfix's mail_reset)."""
         if self._in_transaction:
             self.abort()
+        self._macro_cache.clear()  # a new transaction, maybe a new envelope
         sender = self.envelope.mail_from if sender is None else _unbracket(sender)
         params = self.envelope.mail_params if params is None else params
         self._sender = sender
@@ -918,7 +944,7 @@ class MilterSession:
         """SMFIC_HEADER; `value` is every byte after the colon, folded lines joined
         with "\\n". One leading space goes unless the milter asked for
         SMFIP_HDR_LEADSPC (milter8.c: Sendmail eats one space, not a tab)."""
-        if not self.negotiated.leading_space and value[:1] == b" ":
+        if not self._proto & _LEADSPC_BIT and value[:1] == b" ":
             value = value[1:]
         payload = name.encode("utf-8", "surrogateescape") + b"\0" + value + b"\0"
         return self._event(_HEADER, payload, argument=name)
@@ -948,14 +974,11 @@ class MilterSession:
         replies: list[StageReply] = []
         for name, value in headers:
             reply = self.header(name, value)
+            replies.append(reply)
             if reply.final:
-                return [*replies, reply]
-            if reply.sent and (reply.replied or not replies or replies[-1].stage != "header"):
-                replies.append(reply)
-            if not reply.sent and self._negotiated is not None and not self.negotiated.wants(
-                "header"
-            ):
-                break  # negotiated away: one "not sent" entry is enough
+                return replies
+            if not reply.sent or reply.action == "skip":
+                break  # negotiated away or SKIP: no further header goes out
         for step in (self.eoh, lambda: self.body(body)):
             reply = step()
             replies.append(reply)
@@ -970,31 +993,47 @@ class MilterSession:
         neg = self.negotiated
         if self._sock is None:
             raise MilterClientError(f"milter {self.spec}: session is closed")
-        if ev.no_flag & self._not_in_version:
-            return StageReply(ev.name, argument=argument, sent=False,
-                              note=f"not in protocol version {neg.version}")  # fmt: skip
+        # Plain ints: enum.IntFlag arithmetic costs more than the rest of an event.
+        proto = self._proto
+        if ev.no_bit & self._not_in_version:
+            return StageReply(
+                ev.name,
+                argument=argument,
+                sent=False,
+                note=f"not in protocol version {neg.version}",
+            )
         if self._skip_event is not None:
             if self._skip_event == ev.cmd:
-                return StageReply(ev.name, argument=argument, sent=False,
-                                  note="skipped after SKIP")  # fmt: skip
+                return StageReply(ev.name, argument=argument, sent=False, note="skipped after SKIP")
             self._skip_event = None
-        negotiated_away = bool(ev.no_flag and neg.protocol & ev.no_flag)
+        negotiated_away = bool(ev.no_bit & proto)
         if negotiated_away and not ev.macros_when_skipped:
             return StageReply(ev.name, argument=argument, sent=False, note="negotiated away")
-        self._queue(SMFIC_MACRO, ev.cmd + self._macro_payload(ev.macros))
+        self._queue(SMFIC_MACRO, self._macro_payload(ev))
         if negotiated_away:
             return StageReply(ev.name, argument=argument, sent=False, note="negotiated away")
         self._queue(ev.cmd, payload)
-        if ev.nr_flag and neg.protocol & ev.nr_flag:
+        if ev.nr_bit & proto:
             return StageReply(ev.name, argument=argument, replied=False)
         started = time.perf_counter()
         self._flush(ev.name)
         return self._read_reply(ev, argument, started)
 
-    def _macro_payload(self, stage: str) -> bytes:
-        names = self.negotiated.macro_lists.get(stage) or self._lists.get(stage, ())
-        if not names:
-            return b""
+    def _macro_payload(self, ev: _Event) -> bytes:
+        """SMFIC_MACRO data: the event's command letter, then name/value pairs."""
+        # Every header of a message carries the same macros: build them once.
+        key = (ev.cmd, self._sender, self._rcpt, self._queue_id_known, self._in_transaction)
+        cached = self._macro_cache.get(key)
+        if cached is not None:
+            return cached
+        if len(self._macro_cache) > 64:
+            self._macro_cache.clear()
+        names = self.negotiated.macro_lists.get(ev.macros) or self._lists.get(ev.macros, ())
+        data = ev.cmd + self._macro_pairs(names) if names else ev.cmd
+        self._macro_cache[key] = data
+        return data
+
+    def _macro_pairs(self, names: Sequence[str]) -> bytes:
         values = self._macro_values()
         out = bytearray()
         for name in names:
@@ -1058,15 +1097,15 @@ class MilterSession:
             if cmd == SMFIR_REPLBODY and is_eom:
                 if body_chunks is None:
                     body_chunks = []
-                elif mods and body_chunks == []:
-                    pass
                 body_chunks.append(data)
                 continue
             if cmd in _MOD_REPLIES:
                 if not is_eom:
-                    self._fail(ProtocolError,
-                               f"sent {_reply_name(cmd)} in reply to {ev.name} "
-                               "(modifications are allowed only at end of message)")  # fmt: skip
+                    self._fail(
+                        ProtocolError,
+                        f"sent {_reply_name(cmd)} in reply to {ev.name} "
+                        "(modifications are allowed only at end of message)",
+                    )
                 mods.append(self._parse_modification(cmd, data))
                 continue
             action, text, custom = self._final_action(cmd, data, ev)
@@ -1102,17 +1141,19 @@ class MilterSession:
         if cmd == SMFIR_REPLYCODE:
             raw = _text(data.rstrip(b"\0"))
             if not _REPLYCODE.match(raw):
-                self._fail(ProtocolError,
-                           f"malformed REPLYCODE {raw[:80]!r} in reply to {ev.name}")  # fmt: skip
+                self._fail(ProtocolError, f"malformed REPLYCODE {raw[:80]!r} in reply to {ev.name}")
             text = _postfix_reply_text(raw)
             return ("tempfail" if raw[0] == "4" else "reject"), text, True
-        self._fail(ProtocolError, f"unknown or unexpected reply {_reply_name(cmd)} to {ev.name}")
+        if cmd in _REPLY_NAMES:
+            self._fail(ProtocolError, f"unexpected reply {_reply_name(cmd)} to {ev.name}")
+        self._fail(ProtocolError, f"unknown reply code {cmd!r} in reply to {ev.name}")
 
     def _expect_empty(self, cmd: bytes, data: bytes, ev: _Event) -> None:
         if data:
-            self._fail(ProtocolError,
-                       f"reply {_reply_name(cmd)} to {ev.name} carries {len(data)} "
-                       "unexpected data bytes")  # fmt: skip
+            self._fail(
+                ProtocolError,
+                f"reply {_reply_name(cmd)} to {ev.name} carries {len(data)} unexpected data bytes",
+            )
 
     def _parse_modification(self, cmd: bytes, data: bytes) -> Modification:
         name = _reply_name(cmd)
@@ -1174,9 +1215,10 @@ class MilterSession:
         if length < 1:
             self._fail(ProtocolError, f"bad packet length {length} in reply to {stage}")
         if length > MAX_PACKET:
-            self._fail(ProtocolError,
-                       f"unreasonable packet length {length} in reply to {stage} "
-                       "(is this a milter?)")  # fmt: skip
+            self._fail(
+                ProtocolError,
+                f"unreasonable packet length {length} in reply to {stage} (is this a milter?)",
+            )
         packet = self._read_exact(length, stage)
         return packet[:1], packet[1:]
 
@@ -1189,22 +1231,22 @@ class MilterSession:
             try:
                 chunk = sock.recv(max(65536, n - len(buf)))
             except TimeoutError:
-                self._fail(MilterTimeout,
-                           f"did not answer {stage} within {self.timeout:g} s")  # fmt: skip
+                self._fail(MilterTimeout, f"did not answer {stage} within {self.timeout:g} s")
             except OSError as e:
-                self._fail(MilterClosed,
-                           f"connection lost waiting for the reply to {stage}: "
-                           f"{e.strerror or e}")  # fmt: skip
+                self._fail(
+                    MilterClosed,
+                    f"connection lost waiting for the reply to {stage}: {e.strerror or e}",
+                )
             if not chunk:
-                self._fail(MilterClosed,
-                           f"closed the connection while we waited for the reply to "
-                           f"{stage}")  # fmt: skip
+                self._fail(
+                    MilterClosed, f"closed the connection while we waited for the reply to {stage}"
+                )
             buf += chunk
         data = bytes(buf[:n])
         del buf[:n]
         return data
 
-    def _fail(self, kind: type[MilterClientError], message: str) -> Any:
+    def _fail(self, kind: type[MilterClientError], message: str) -> NoReturn:
         self.close()
         raise kind(f"milter {self.spec}: {message}")
 
@@ -1227,7 +1269,7 @@ def _reply_name(cmd: bytes) -> str:
     name = _REPLY_NAMES.get(cmd)
     if name:
         return f"SMFIR_{name}" if cmd != SMFIC_OPTNEG else "SMFIC_OPTNEG"
-    return f"unknown reply code {cmd!r}"
+    return f"unknown reply {cmd!r}"
 
 
 # ---------------------------------------------------------------------------
@@ -1246,6 +1288,8 @@ def run_transaction(
     if envelope is not None:
         session.envelope = envelope
     env = session.envelope
+    if not env.rcpt_to:
+        raise ValueError("the envelope has no recipient (RCPT TO)")
     result = ProbeResult(str(session.spec), session.negotiated)
     started = time.perf_counter()
     try:
@@ -1311,13 +1355,15 @@ def _record(result: ProbeResult, reply: StageReply) -> None:
 
 def _decide(result: ProbeResult, reply: StageReply) -> None:
     result.decided_at = reply.stage
-    action = reply.action
-    if action in ("shutdown", "conn_fail"):
-        result.verdict = "tempfail"
-    elif action == "skip":
-        result.verdict = "continue"
-    else:
-        result.verdict = action
+    verdicts: dict[str, ProbeVerdict] = {
+        "accept": "accept",
+        "reject": "reject",
+        "tempfail": "tempfail",
+        "discard": "discard",
+        "shutdown": "tempfail",  # 421: try again later
+        "conn_fail": "tempfail",
+    }
+    result.verdict = verdicts.get(reply.action, "continue")
     result.smtp_reply = reply.smtp_reply
 
 
@@ -1368,13 +1414,18 @@ def probe(
 def format_probe(result: ProbeResult) -> str:
     """A multi-line report an administrator reads (`milters probe`)."""
     neg = result.negotiated
-    lines = [f"milter {result.spec}: protocol version {neg.version}, "
-             f"{result.elapsed_ms:.1f} ms"]  # fmt: skip
+    lines = [f"milter {result.spec}: protocol version {neg.version}, {result.elapsed_ms:.1f} ms"]
     lines.append("  may:      " + (" ".join(neg.action_names) or "(no actions)"))
-    skipped = [s for s in ("connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body",
-                           "unknown") if not neg.wants(s)]  # fmt: skip
-    no_reply = [s for s in ("connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body",
-                            "unknown") if neg.wants(s) and not neg.replies(s)]  # fmt: skip
+    skipped = [
+        s
+        for s in ("connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body", "unknown")
+        if not neg.wants(s)
+    ]
+    no_reply = [
+        s
+        for s in ("connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body", "unknown")
+        if neg.wants(s) and not neg.replies(s)
+    ]
     lines.append("  skips:    " + (" ".join(skipped) or "nothing"))
     lines.append("  no reply: " + (" ".join(no_reply) or "none (answers every step)"))
     extras = [n for n in ("SKIP", "RCPT_REJ", "HDR_LEADSPC") if n in neg.protocol_names]
@@ -1384,24 +1435,27 @@ def format_probe(result: ProbeResult) -> str:
         lines.append(f"  macros asked for at {stage}: {' '.join(names) or '(none)'}")
     lines.append("")
     lines.append("stages:")
-    headers_seen = sum(1 for s in result.stages if s.stage == "header")
+    quiet = [s for s in result.stages if s.stage == "header" and s.action == "continue"]
+    summarise = len(quiet) > 3
+    quiet_ids = {id(s) for s in quiet}
     for s in result.stages:
-        if s.stage == "header" and s.action == "continue" and headers_seen > 3:
-            continue  # summarised below
+        if summarise and id(s) in quiet_ids:
+            if s is quiet[0]:
+                how = "no reply expected" if not s.replied else "continue"
+                if not s.sent:
+                    how = s.describe()
+                lines.append(f"  {'header':<8} {f'({len(quiet)} fields)':<40} {how}")
+            continue
         arg = f" {s.argument}" if s.argument else ""
-        lines.append(f"  {s.stage:<8}{arg[:60]:<40} {s.describe()}")
-    quiet_headers = [s for s in result.stages if s.stage == "header" and s.action == "continue"]
-    if headers_seen > 3 and quiet_headers:
-        how = "no reply expected" if not quiet_headers[0].replied else "continue"
-        lines.append(f"  header   ({len(quiet_headers)} fields)"
-                     f"{'':<24} {how}")  # fmt: skip
+        lines.append(f"  {s.stage:<8}{arg[:60]:<41} {s.describe()}")
     lines.append("")
     verdict = result.verdict.upper()
     if result.verdict == "continue":
         verdict = "CONTINUE (Postfix accepts)"
     where = f" at {result.decided_at}" if result.decided_at else ""
-    lines.append(f"verdict:  {verdict}{where}" +
-                 (f" -> {result.smtp_reply}" if result.smtp_reply else ""))  # fmt: skip
+    lines.append(
+        f"verdict:  {verdict}{where}" + (f" -> {result.smtp_reply}" if result.smtp_reply else "")
+    )
     for rcpt, reply in result.rejected_recipients.items():
         lines.append(f"  recipient {rcpt} rejected: {reply}")
     if result.quarantine:
@@ -1433,8 +1487,3 @@ def _describe_edit(e: HeaderEdit) -> str:
     if e.kind is EditKind.CHANGE:
         return f"change   {e.name}[{max(e.index, 1)}]: {value}"
     return f"delete   {e.name}[{max(e.index, 1)}]"
-
-
-def iter_stage_names() -> Iterator[str]:
-    """The SMTP stages in the order Postfix sends them."""
-    yield from ("connect", "helo", "mail", "rcpt", "data", "header", "eoh", "body", "eom")
