@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 from collections.abc import Sequence
 
 from milters import __version__, registry
@@ -339,10 +340,10 @@ def _unblock_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
-COMMANDS = {
+COMMANDS = types.MappingProxyType({
     "run": cmd_run,
     "serve": cmd_serve,
     "check-config": cmd_check_config,
     "test": cmd_test,
     "probe": cmd_probe,
-}
+})

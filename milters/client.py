@@ -36,6 +36,7 @@ import secrets
 import socket
 import struct
 import time
+import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import getaddresses
@@ -140,7 +141,7 @@ SMFIR_SKIP = b"s"
 SMFIR_TEMPFAIL = b"t"
 SMFIR_REPLYCODE = b"y"
 
-_REPLY_NAMES = {
+_REPLY_NAMES = types.MappingProxyType({
     SMFIR_ADDRCPT: "ADDRCPT",
     SMFIR_DELRCPT: "DELRCPT",
     SMFIR_ADDRCPT_PAR: "ADDRCPT_PAR",
@@ -162,7 +163,7 @@ _REPLY_NAMES = {
     SMFIR_TEMPFAIL: "TEMPFAIL",
     SMFIR_REPLYCODE: "REPLYCODE",
     SMFIC_OPTNEG: "OPTNEG",
-}
+})
 
 # Connect families (SMFIA_*).
 SMFIA_UNKNOWN = b"U"
@@ -219,11 +220,13 @@ ALL_ACTIONS = ActionFlag(0x1FF)
 POSTFIX_PROTOCOL = ProtocolFlag(0x1FFFFF)
 
 # Macro stages (SMFIM_*), the numbers SMFIR_SETSYMLIST data uses.
-MACRO_STAGES = {0: "connect", 1: "helo", 2: "mail", 3: "rcpt", 4: "data", 5: "eom", 6: "eoh"}
+MACRO_STAGES = types.MappingProxyType(
+    {0: "connect", 1: "helo", 2: "mail", 3: "rcpt", 4: "data", 5: "eom", 6: "eoh"}
+)
 
 # `postconf -d` of Postfix 3.7.11: milter_connect_macros ... milter_end_of_data_macros.
 # Header events carry the end-of-header list, body chunks the end-of-data list.
-DEFAULT_MACRO_LISTS: Mapping[str, tuple[str, ...]] = {
+DEFAULT_MACRO_LISTS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
     "connect": ("j", "{daemon_name}", "{daemon_addr}", "v", "_"),
     "helo": ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}"),
     "mail": (
@@ -240,7 +243,7 @@ DEFAULT_MACRO_LISTS: Mapping[str, tuple[str, ...]] = {
     "eoh": ("i",),
     "eom": ("i",),
     "unknown": (),
-}
+})
 
 POSTFIX_VERSION_MACRO = "Postfix 3.7.11"  # `v` = $mail_name $mail_version
 MILTER_CHUNK_SIZE = 65535  # milter8.c: body chunk size

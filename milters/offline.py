@@ -85,11 +85,11 @@ def run_offline(runtime: Runtime, message: bytes, env: Envelope) -> Report:
 def format_report(report: Report, cfg: Config) -> str:
     v = report.verdict
     lines = [f"[{report.filter}] verdict: {describe(v)} (at {report.stage}, {report.ms:.1f} ms)"]
-    for rcpt, r in report.refused_rcpts:
-        lines.append(f"  recipient {rcpt} refused: {describe(r)}")
-    for r in v.results:
-        props = " ".join(f"{t}.{n}={val}" for t, n, val in r.properties)
-        lines.append(f"  result: {r.method}={r.result} {props}".rstrip())
+    for rcpt, refusal in report.refused_rcpts:
+        lines.append(f"  recipient {rcpt} refused: {describe(refusal)}")
+    for res in v.results:
+        props = " ".join(f"{t}.{n}={val}" for t, n, val in res.properties)
+        lines.append(f"  result: {res.method}={res.result} {props}".rstrip())
     if v.action is Action.ACCEPT:
         if v.results:
             value = authresults.format_value(cfg.global_.authserv_id, v.results)

@@ -10,6 +10,7 @@ FROM and dropped at end of message or abort; process-wide state in the Runtime.
 from __future__ import annotations
 
 import socket
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -33,11 +34,11 @@ MAIL_MACROS = ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr
 RCPT_MACROS = ("{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}")
 EOM_MACROS = ("i", "{msg_id}")
 
-_MILTER_RESULT = {
+_MILTER_RESULT = types.MappingProxyType({
     Action.REJECT: Milter.REJECT,
     Action.TEMPFAIL: Milter.TEMPFAIL,
     Action.DISCARD: Milter.DISCARD,
-}
+})
 
 
 class Session(Milter.Base):  # type: ignore[misc]

@@ -14,6 +14,7 @@ import difflib
 import ipaddress
 import os
 import socket
+import textwrap
 import tomllib
 import types
 import typing
@@ -437,7 +438,7 @@ def _sample_table(name: str, obj: Any, intro: str) -> list[str]:
         if dataclasses.is_dataclass(value):
             nested.append((f"{name}.{f.name}", value, (type(value).__doc__ or "").strip()))
             continue
-        lines.append(f"# {doc}" if doc else "#")
+        lines += [f"# {line}" for line in textwrap.wrap(doc, 76)] or ["#"]
         if value is None:
             lines.append(f"# {f.name}: not set by default")
         else:

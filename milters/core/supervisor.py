@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
-WATCHED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+WATCHED = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD})
 
 # A child that dies this soon after its start counts toward a crash loop.
 QUICK_DEATH = 5.0

@@ -19,8 +19,8 @@ class Action(enum.IntEnum):
     REJECT = 3
 
 
-_CODE = re.compile(r"^([245])\d\d$")
-_XCODE = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}$")
+_CODE = re.compile(r"^([45])\d\d$")
+_XCODE = re.compile(r"^([45])\.\d{1,3}\.\d{1,3}$")
 
 
 @dataclass(frozen=True)
