@@ -51,9 +51,12 @@ def run_offline(runtime: Runtime, message: bytes, env: Envelope) -> Report:
     if env.auth_user:
         conn.macros.update({"{auth_authen}": env.auth_user, "{auth_type}": "PLAIN"})
     pipe = Pipeline(runtime, conn)
-    refused = pipe.connect() or pipe.helo()
+    refused = pipe.connect()
     if refused is not None:
-        return Report(name, "connect" if not env.helo else "helo", refused)
+        return Report(name, "connect", refused)
+    refused = pipe.helo()
+    if refused is not None:
+        return Report(name, "helo", refused)
     headers, body_bytes = parse_message(message)
     body = Body()
     body.write(body_bytes)

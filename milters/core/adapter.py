@@ -232,8 +232,8 @@ def adapter_class(runtime: Runtime, sessions: SessionCounter) -> type[Session]:
         ns[name] = wrapped
 
     cb("connect", Session._connect, Stage.CONNECT in needed)
-    if Stage.HELO in needed:
-        cb("hello", Session._hello, True)
+    # HELO is always taken (for the log line), answered only when a filter decides on it.
+    cb("hello", Session._hello, Stage.HELO in needed)
     cb("envfrom", Session._envfrom, Stage.MAIL in needed, raw=True)
     cb("envrcpt", Session._envrcpt, Stage.RCPT in needed or bypass, raw=True)
     cb("data", Session._data, True)

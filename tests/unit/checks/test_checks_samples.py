@@ -52,3 +52,13 @@ def test_body_sample_sees_base64_japanese(checks: Checks, message: Message) -> N
     raw = (b"Content-Type: text/plain; charset=Shift_JIS\r\n"
            b"Content-Transfer-Encoding: base64\r\n\r\n" + body.replace(b"\n", b"\r\n"))
     assert f.check(message(raw=raw)).action is Action.REJECT
+
+
+def test_samples_load_as_regexp_tables_too(checks: Checks) -> None:
+    """The README wires them as regexp: tables; they must load that way as well."""
+    f = checks(
+        header_checks=(f"regexp:{SAMPLES / 'header_checks'}",),
+        body_checks=(f"regexp:{SAMPLES / 'body_checks'}",),
+        client_checks=(f"regexp:{SAMPLES / 's25r_whitelist'}", f"regexp:{SAMPLES / 's25r'}"),
+    )
+    assert len(f.describe()) >= 3
