@@ -269,7 +269,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
     )
     try:
         result = client.probe(args.socket, message, env, timeout=args.timeout)
-    except (OSError, client.ProtocolError) as exc:
+    except (OSError, client.MilterClientError) as exc:
         print(f"milters probe: {args.socket}: {exc}", file=sys.stderr)
         return 69
     print(result.to_json() if args.json else client.format_probe(result))
@@ -277,7 +277,7 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from milters.core.supervisor import Supervisor, block_signals
+    from milters.core.supervisor import Supervisor, block_signals, die_with_parent
 
     cfg = registry.load(args.config)
     setup_logging(cfg.global_.log_level)
@@ -291,8 +291,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.config:
             argv += ["--config", args.config]
         # The child must not inherit our blocked signal mask.
-        proc = subprocess.Popen(argv, restore_signals=True, start_new_session=False,
-                                preexec_fn=_unblock_signals)
+        parent = os.getpid()
+
+        def prepare() -> None:
+            _unblock_signals()
+            die_with_parent(signal.SIGTERM, parent)
+
+        proc = subprocess.Popen(argv, restore_signals=True, preexec_fn=prepare)
         return proc.pid
 
     block_signals()

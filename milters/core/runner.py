@@ -26,7 +26,7 @@ from milters.core.config import Config
 from milters.core.errors import ConfigError, MiltersError
 from milters.core.runtime import Runtime, SessionCounter
 from milters.core.sockets import SocketSpec, parse_socket
-from milters.core.supervisor import Supervisor, block_signals, child_signals
+from milters.core.supervisor import Supervisor, block_signals, child_signals, die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,10 @@ def _drain_on_request(name: str, sessions: SessionCounter, listen_fd: int) -> No
 def _forker(get_runtime: Callable[[], Runtime], listen_fd: int) -> Callable[[str], int]:
     def spawn(slot: str) -> int:
         runtime = get_runtime()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:
+            die_with_parent(DRAIN_SIGNAL, parent)
             _worker(runtime, listen_fd)
         return pid
 

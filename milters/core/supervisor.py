@@ -9,6 +9,7 @@ sigtimedwait (no Python handlers, no threads: it must be able to fork safely).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -143,3 +144,16 @@ def _status_text(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit status {os.WEXITSTATUS(status)}"
+
+
+def die_with_parent(sig: int, parent: int) -> None:
+    """Have the kernel send `sig` to this process when its parent dies (Linux).
+
+    A supervisor killed with SIGKILL cannot pass a stop on; without this its
+    workers would keep the listening socket and block the restarted filter.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    libc.prctl(pr_set_pdeathsig, sig, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), sig)
