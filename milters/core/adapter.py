@@ -9,6 +9,8 @@ FROM and dropped at end of message or abort; process-wide state in the Runtime.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import socket
 import types
 from collections.abc import Callable
@@ -289,7 +291,25 @@ def open_socket(name: str, runtime: Runtime, conn: str, timeout: int) -> None:
     )
     milter.setconn(conn)
     milter.settimeout(timeout)
+    _raise_packet_limit()
     milter.opensocket(True)
+
+
+# libmilter drops the connection on a packet over 64 KB by default, but Postfix
+# sends a header field whole, up to header_size_limit (100 KB by default).
+# pymilter does not expose smfi_setmaxdatasize, so call it in the library that
+# pymilter itself linked (dlopen of the same soname returns the same handle).
+MAX_PACKET = 1024 * 1024 - 1  # libmilter's MILTER_MDS_1M
+
+
+def _raise_packet_limit() -> None:
+    path = ctypes.util.find_library("milter")
+    if path is None:
+        return
+    lib = ctypes.CDLL(path)
+    lib.smfi_setmaxdatasize.argtypes = [ctypes.c_size_t]
+    lib.smfi_setmaxdatasize.restype = ctypes.c_size_t
+    lib.smfi_setmaxdatasize(MAX_PACKET)
 
 
 def serve_forever(runtime: Runtime, sessions: SessionCounter) -> None:

@@ -161,3 +161,25 @@ def test_broken_table_refuses_to_start(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 78
     assert f"{tmp_path}/hc:2" in out.stderr
+
+
+def test_ten_thousand_header_fields(checks: str) -> None:
+    headers = "".join(f"X-Filler-{i}: {i}\r\n" for i in range(10_000))
+    r = send(checks, headers + "X-Mailer: GOTO Sarbacane\r\n")
+    assert r.smtp_reply == "550 5.7.1 I fight spam (GOTO Sarbacane)"
+
+
+def test_header_at_postfix_size_limit_and_8bit_junk(checks: str) -> None:
+    # Postfix cuts a header at header_size_limit (102400 bytes) before a milter sees it.
+    long_value = "x" * 102_000
+    r = send(checks, f"X-Long: {long_value}\r\nSubject: \xff\xfe caf\xe9 [SPAM] hi\r\n")
+    assert r.verdict == "accept"
+
+
+def test_oversized_packet_gets_a_defined_answer(checks: str) -> None:
+    """A 1 MB header line is beyond what libmilter accepts in one packet: the
+    connection ends (Postfix then applies milter_default_action) and the filter
+    keeps serving."""
+    with pytest.raises(client.MilterClientError):
+        send(checks, "X-Huge: " + "y" * 1_048_576 + "\r\n")
+    assert send(checks, "Subject: after\r\n").verdict == "accept"
