@@ -157,12 +157,16 @@ class Session(Milter.Base):  # type: ignore[misc]
         rt = self.runtime
         leadspc = bool(self._protocol & Milter.P_HDR_LEADSPC)
         # Positional inserts first, bottom-up, so earlier positions stay valid.
+        # Postfix counts its own (hidden) Received field as position 0, so "before
+        # the header we saw at 0-based position p" is index p + 1.
         inserts = sorted((e for e in verdict.header_edits if e.kind is EditKind.INSERT),
                          key=lambda e: e.index, reverse=True)
         for e in inserts:
-            self.addheader(e.name, _value(e.value, leadspc), e.index)
+            self.addheader(e.name, _value(e.value, leadspc), e.index + 1)
         # Changes and deletions by occurrence, highest first per name, merged with
-        # the removal of forged Authentication-Results fields.
+        # the removal of forged Authentication-Results fields. Postfix counts
+        # occurrences in the header as already edited: inserted fields of the
+        # same name above a target move it down.
         forged = authresults.forged_fields(
             tx.headers, rt.env.global_.authserv_id, rt.strip_all_forged, rt.filter.ar_methods
         )
@@ -170,7 +174,7 @@ class Session(Milter.Base):  # type: ignore[misc]
         changes += [HeaderEdit(EditKind.DELETE, authresults.FIELD_NAME, index=i) for i in forged]
         for e in sorted(changes, key=lambda e: (e.name.lower(), -e.index)):
             value = None if e.kind is EditKind.DELETE else _value(e.value, leadspc)
-            self.chgheader(e.name, e.index, value)
+            self.chgheader(e.name, _shifted(tx, e, inserts), value)
         for e in verdict.header_edits:
             if e.kind is EditKind.ADD:
                 self.addheader(e.name, _value(e.value, leadspc))
@@ -207,6 +211,21 @@ class Session(Milter.Base):  # type: ignore[misc]
         if self.tx is not None:
             self.tx.close()
         self.tx = None
+
+
+def _shifted(tx: Transaction, edit: HeaderEdit, inserts: list[HeaderEdit]) -> int:
+    """The occurrence number of `edit`'s target once `inserts` are in place."""
+    name = edit.name.lower()
+    seen = 0
+    position = len(tx.headers)
+    for i, h in enumerate(tx.headers):
+        if h.name.lower() == name:
+            seen += 1
+            if seen == edit.index:
+                position = i
+                break
+    above = sum(1 for e in inserts if e.name.lower() == name and e.index <= position)
+    return edit.index + above
 
 
 def _value(value: str, leadspc: bool) -> str:

@@ -101,8 +101,9 @@ def test_replace_ignore_prepend(checks: str) -> None:
     edits = {(e.kind, e.name, e.value.strip(), e.index) for e in r.header_edits}
     assert (EditKind.CHANGE, "Subject", "cheap", 1) in edits
     assert (EditKind.DELETE, "X-Internal-Junk", "", 1) in edits
-    # PREPEND goes right above the matched header, the 5th the filter saw.
-    assert (EditKind.INSERT, "X-Tagged", "yes", 4) in edits
+    # PREPEND goes right above the matched header, the 5th the filter saw; Postfix
+    # counts its own hidden Received field as index 0, so that is index 5.
+    assert (EditKind.INSERT, "X-Tagged", "yes", 5) in edits
 
 
 def test_redirect(checks: str) -> None:
