@@ -303,11 +303,15 @@ class _Decision:
                                f.checks.body_checks_size_limit)
         self.walker = walker
         by_where = f.tables.by_where
-        for item in walker.items():
-            maps = by_where[item.where]
-            if not maps:
-                continue
-            hit = maps.lookup(item.text)
+        # All subjects first (each part is cut at body_checks_size_limit, so this
+        # is bounded), then one screening pass per table key (Maps.screen).
+        items = [item for item in walker.items() if by_where[item.where]]
+        possible = {
+            where: by_where[where].screen([i.text for i in items if i.where is where])
+            for where in {i.where for i in items}
+        }
+        for item in items:
+            hit = by_where[item.where].lookup(item.text, possible[item.where])
             if hit is None or hit.kind in (Kind.DUNNO, Kind.OK):
                 continue
             self._content_hit(item, hit)

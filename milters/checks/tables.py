@@ -27,6 +27,7 @@ from pathlib import Path
 
 from milters.checks.actions import ActionError, Kind, RuleAction, parse_action
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
+from milters.checks.screen import Screener, screen_regex
 from milters.core.errors import ConfigError
 
 TABLE_TYPES = ("regexp", "pcre")
@@ -72,9 +73,13 @@ class Pattern:
     anchored: bool = False
     # The bound search (or match, for PCRE's A flag): one lookup per line per rule.
     match: Callable[[str], re.Match[str] | None] = field(init=False, repr=False, compare=False)
+    # The same pattern with ^ and $ at every line: one search over all the lines
+    # of a message tells whether it can match any of them (see screen.py).
+    screen: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "match", self.regex.match if self.anchored else self.regex.search)
+        object.__setattr__(self, "screen", screen_regex(self.regex, self.negated, self.anchored))
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,16 @@ class Table:
     spec: str
     rules: tuple[Rule | IfBlock, ...]
 
-    def lookup(self, subject: str) -> Hit | None:
-        return _lookup(self.rules, subject)
+    def lookup(self, subject: str, possible: Possible = None) -> Hit | None:
+        return _lookup(self.rules, subject, possible)
+
+    def all_patterns(self) -> Iterator[Pattern]:
+        stack: list[Rule | IfBlock] = list(reversed(self.rules))
+        while stack:
+            item = stack.pop()
+            yield item.pattern
+            if isinstance(item, IfBlock):
+                stack.extend(reversed(item.body))
 
     def all_rules(self) -> Iterator[Rule]:
         stack = list(reversed(self.rules))
@@ -121,13 +134,20 @@ class Table:
                 stack.extend(reversed(item.body))
 
 
-def _lookup(items: Sequence[Rule | IfBlock], subject: str) -> Hit | None:
+# Ids of the patterns that may match some subject of this message; None: all may.
+Possible = frozenset[int] | None
+
+
+def _lookup(items: Sequence[Rule | IfBlock], subject: str, possible: Possible) -> Hit | None:
     for item in items:
+        if possible is not None and item.pattern.screen is not None \
+                and id(item.pattern) not in possible:
+            continue  # cannot match any line of this message
         m = item.pattern.match(subject)
         if (m is not None) == item.pattern.negated:
             continue
         if isinstance(item, IfBlock):
-            hit = _lookup(item.body, subject)
+            hit = _lookup(item.body, subject, possible)
             if hit is not None:
                 return hit
             continue
@@ -143,16 +163,32 @@ class Maps:
 
     key: str
     tables: tuple[Table, ...] = ()
+    screener: Screener = field(init=False, repr=False, compare=False)
+    _screened_ids: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        screened = [p for t in self.tables for p in t.all_patterns() if p.screen is not None]
+        text_mode = not any(p.regex.flags & re.ASCII for p in screened)
+        object.__setattr__(self, "screener",
+                           Screener((p.screen for p in screened if p.screen), text_mode))
+        object.__setattr__(self, "_screened_ids", tuple(id(p) for p in screened))
 
     def __bool__(self) -> bool:
         return bool(self.tables)
 
-    def lookup(self, subject: str) -> Hit | None:
+    def lookup(self, subject: str, possible: Possible = None) -> Hit | None:
         for table in self.tables:
-            hit = table.lookup(subject)
+            hit = table.lookup(subject, possible)
             if hit is not None:
                 return hit
         return None
+
+    def screen(self, subjects: Sequence[str]) -> Possible:
+        """Ids of the patterns that can match one of `subjects` (see screen.py)."""
+        found = self.screener.possible(subjects)
+        if found is None:
+            return None
+        return frozenset(self._screened_ids[i] for i in found)
 
     def kinds(self) -> set[Kind]:
         return {r.action.kind for t in self.tables for r in t.all_rules()}
