@@ -306,12 +306,12 @@ class _Decision:
         # All subjects first (each part is cut at body_checks_size_limit, so this
         # is bounded), then one screening pass per table key (Maps.screen).
         items = [item for item in walker.items() if by_where[item.where]]
-        possible = {
-            where: by_where[where].screen([i.text for i in items if i.where is where])
+        pruned = {
+            where: by_where[where].for_message([i.text for i in items if i.where is where])
             for where in {i.where for i in items}
         }
         for item in items:
-            hit = by_where[item.where].lookup(item.text, possible[item.where])
+            hit = pruned[item.where].lookup(item.text)
             if hit is None or hit.kind in (Kind.DUNNO, Kind.OK):
                 continue
             self._content_hit(item, hit)

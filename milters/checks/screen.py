@@ -27,9 +27,12 @@ try:  # an accelerator, not a requirement: wheels exist for x86_64 Linux only
 except ImportError:  # pragma: no cover - depends on the platform
     hyperscan = None
 
-# Constructs that look past the end of a line or pin the start/end of the subject:
-# with them, "matches a line" no longer implies "matches the lines joined by \n".
-_UNSCREENABLE = re.compile(r"\(\?<?[=!]|\\[AZzG]")
+# Constructs that look past the end of a line: with them, "matches a line" no
+# longer implies "matches the lines joined by \n".
+_UNSCREENABLE = re.compile(r"\(\?<?[=!]|\\G")
+# \A and \Z (what a POSIX `$` becomes) pin the subject's start and end, which in
+# the joined text are a line's start and end: ^ and $ with MULTILINE.
+_ABSOLUTE_ANCHOR = re.compile(r"(?<!\\)((?:\\\\)*)\\([AZ])")
 
 # Fewer subjects than this: just try the rules on each.
 MIN_SUBJECTS = 8
@@ -44,7 +47,9 @@ def screen_regex(regex: re.Pattern[str], negated: bool, anchored: bool) -> re.Pa
     """
     if negated or anchored or _UNSCREENABLE.search(regex.pattern):
         return None
-    return re.compile(regex.pattern, (regex.flags | re.MULTILINE) & ~re.DOTALL)
+    pattern = _ABSOLUTE_ANCHOR.sub(lambda m: m.group(1) + ("^" if m.group(2) == "A" else "$"),
+                                   regex.pattern)
+    return re.compile(pattern, (regex.flags | re.MULTILINE) & ~re.DOTALL)
 
 
 class Screener:

@@ -190,8 +190,40 @@ class Maps:
             return None
         return frozenset(self._screened_ids[i] for i in found)
 
+    def for_message(self, subjects: Sequence[str]) -> Pruned:
+        """These tables without the rules that cannot match any of `subjects`."""
+        possible = self.screen(subjects)
+        if possible is None:
+            return Pruned(tuple(t.rules for t in self.tables))
+        return Pruned(tuple(_prune(t.rules, possible) for t in self.tables))
+
     def kinds(self) -> set[Kind]:
         return {r.action.kind for t in self.tables for r in t.all_rules()}
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """The rules of one key that can match some line of one message, in order."""
+
+    tables: tuple[tuple[Rule | IfBlock, ...], ...]
+
+    def lookup(self, subject: str) -> Hit | None:
+        for rules in self.tables:
+            hit = _lookup(rules, subject, None)
+            if hit is not None:
+                return hit
+        return None
+
+
+def _prune(items: Sequence[Rule | IfBlock], possible: frozenset[int]) -> tuple[Rule | IfBlock, ...]:
+    kept: list[Rule | IfBlock] = []
+    for item in items:
+        if item.pattern.screen is not None and id(item.pattern) not in possible:
+            continue  # matches no line of this message (an IF block: none of its body runs)
+        if isinstance(item, IfBlock):
+            item = IfBlock(item.pattern, _prune(item.body, possible), item.source)
+        kept.append(item)
+    return tuple(kept)
 
 
 # --- loading -------------------------------------------------------------------

@@ -46,10 +46,13 @@ def test_screened_lookup_equals_plain_lookup(kind: str) -> None:
         for subjects in itertools.combinations(LINES, n):
             padded = list(subjects) + ["filler line"] * 8
             possible = maps.screen(padded)
+            pruned = maps.for_message(padded)
             for s in padded:
                 plain = maps.lookup(s)
                 screened = maps.lookup(s, possible)
                 assert (plain and plain.rule) == (screened and screened.rule), (s, subjects)
+                cut = pruned.lookup(s)
+                assert (plain and plain.text) == (cut and cut.text), (s, subjects)
 
 
 def test_screening_skips_rules_that_cannot_match() -> None:
