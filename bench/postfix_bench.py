@@ -352,8 +352,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for name, proc in filters.items():
                 log = proc.output()
+                first = log.find("Traceback")
                 result.setdefault("filter_logs", {})[name] = {
-                    "lines": log.count("\n"), "tracebacks": log.count("Traceback")}
+                    "lines": log.count("\n"), "tracebacks": log.count("Traceback"),
+                    "first_traceback": log[max(0, first - 300):first + 2500] if first >= 0 else ""}
                 proc.cleanup()
             result["postfix_dir"] = str(instance.root) if args.keep else None
             instance.destroy(keep=args.keep)

@@ -2,30 +2,28 @@
 
 Postfix tries every rule on every line: the 40 body rules of a realistic table on
 the 700 lines of a 50 KB attachment are 28,000 regex searches, about 30 ms of
-Python. A pattern without lookaround or absolute anchors that matches a line also
-matches the lines joined by "\\n" with ^ and $ at every line, so a search of the
-joined text rules a pattern out for the whole message, and the per-line pass then
-tries only the rest: same result, a fraction of the work.
+Python. Most rules need some literal text to match (`/viagra/`, `(casino|slots)
+bonus`). If none of a rule's required literals occurs anywhere in the message's
+lines, the rule cannot match any of them; a substring test over the joined lines
+runs at memory speed. Rules without such a literal are screened with one regex
+search of the joined lines instead: a pattern without lookaround that matches a
+line also matches the lines joined by "\\n" with ^ and $ at every line. The
+per-line pass then tries only the rules left: same result, a fraction of the work.
 
-The joined-text search uses Hyperscan (all patterns at once, in its prefilter
-mode, which may over-report but never misses a PCRE match) when the `hyperscan`
-package is installed and the pattern compiles there, and Python's `re` otherwise.
+(A multi-pattern engine such as Hyperscan would do this in C, but its Python
+binding calls back through PyGILState_Ensure, which crashes in the threads
+libmilter's worker pool shares between connections: pymilter binds a thread
+state to the thread that first served a connection.)
 """
 
 from __future__ import annotations
 
-import logging
 import re
+import re._constants as sre  # type: ignore[import-not-found]
+import re._parser as sre_parse  # type: ignore[import-not-found]
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
-
-log = logging.getLogger(__name__)
-
-hyperscan: Any
-try:  # an accelerator, not a requirement: wheels exist for x86_64 Linux only
-    import hyperscan
-except ImportError:  # pragma: no cover - depends on the platform
-    hyperscan = None
 
 # Constructs that look past the end of a line: with them, "matches a line" no
 # longer implies "matches the lines joined by \n".
@@ -33,9 +31,13 @@ _UNSCREENABLE = re.compile(r"\(\?<?[=!]|\\G")
 # \A and \Z (what a POSIX `$` becomes) pin the subject's start and end, which in
 # the joined text are a line's start and end: ^ and $ with MULTILINE.
 _ABSOLUTE_ANCHOR = re.compile(r"(?<!\\)((?:\\\\)*)\\([AZ])")
+# Characters that re.IGNORECASE treats as ASCII letters but str.lower() keeps.
+_FOLD_EXTRA = str.maketrans({"ı": "i", "ſ": "s"})
 
 # Fewer subjects than this: just try the rules on each.
 MIN_SUBJECTS = 8
+# A required literal shorter than this is too common to rule anything out.
+MIN_NEEDLE = 3
 
 
 def screen_regex(regex: re.Pattern[str], negated: bool, anchored: bool) -> re.Pattern[str] | None:
@@ -52,46 +54,85 @@ def screen_regex(regex: re.Pattern[str], negated: bool, anchored: bool) -> re.Pa
     return re.compile(pattern, (regex.flags | re.MULTILINE) & ~re.DOTALL)
 
 
+def fold(text: str) -> str:
+    """Case-folded text for caseless needles: a superset of what re.IGNORECASE equates."""
+    lowered = text.lower()
+    if "ı" in lowered or "ſ" in lowered:  # str.translate is slow: only when needed
+        return lowered.translate(_FOLD_EXTRA)
+    return lowered
+
+
+@dataclass(frozen=True)
+class Needles:
+    """A rule can match only where one of these literals occurs."""
+
+    any_of: tuple[str, ...]
+    caseless: bool
+
+    def found_in(self, text: str, folded: str) -> bool:
+        haystack = folded if self.caseless else text
+        return any(n in haystack for n in self.any_of)
+
+
+def needles(regex: re.Pattern[str]) -> Needles | None:
+    """The literals one of which every match of `regex` contains, if it has such."""
+    caseless = bool(regex.flags & re.IGNORECASE)
+    try:
+        parsed = sre_parse.parse(regex.pattern, regex.flags)
+    except (re.error, RecursionError):
+        return None
+    factor = _factor(list(parsed))
+    if factor is None:
+        return None
+    if caseless:
+        if not all(n.isascii() for n in factor):
+            return None  # full Unicode case folding is not what re.IGNORECASE does
+        factor = tuple(fold(n) for n in factor)
+    return Needles(factor, caseless)
+
+
+def _factor(items: list[tuple[Any, Any]]) -> tuple[str, ...] | None:
+    """The best set of alternative literals that a match of this sequence contains."""
+    candidates: list[tuple[str, ...]] = []
+    run: list[str] = []
+
+    def flush() -> None:
+        if len(run) >= MIN_NEEDLE:
+            candidates.append(("".join(run),))
+        run.clear()
+
+    for op, av in items:
+        if op is sre.LITERAL:
+            run.append(chr(av))
+            continue
+        flush()
+        sub: tuple[str, ...] | None = None
+        if op is sre.SUBPATTERN:
+            _group, add_flags, del_flags, pattern = av
+            if not (add_flags or del_flags):  # a local flag changes how literals match
+                sub = _factor(list(pattern))
+        elif op is sre.BRANCH:
+            alternatives = [_factor(list(p)) for p in av[1]]
+            if alternatives and all(alternatives):
+                sub = tuple(n for alt in alternatives if alt for n in alt)
+        elif op in (sre.MAX_REPEAT, sre.MIN_REPEAT, sre.POSSESSIVE_REPEAT) and av[0] >= 1:
+            sub = _factor(list(av[2]))
+        elif op is sre.ATOMIC_GROUP:
+            sub = _factor(list(av))
+        if sub:
+            candidates.append(sub)
+    flush()
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: min(len(n) for n in c))
+
+
 class Screener:
-    """Built once per table key at load; thread-safe (scratch space per call)."""
+    """Built once per table key at load; immutable, so threads can share it."""
 
-    def __init__(self, patterns: Iterable[re.Pattern[str]], text_mode: bool,
-                 accelerate: bool = True) -> None:
+    def __init__(self, patterns: Iterable[re.Pattern[str]]) -> None:
         self.patterns = tuple(patterns)
-        self.text_mode = text_mode
-        self._db: Any = None
-        self._in_db: tuple[int, ...] = ()
-        self._by_re: tuple[int, ...] = tuple(range(len(self.patterns)))
-        if accelerate and hyperscan is not None and self.patterns:
-            self._compile_hyperscan()
-
-    def _compile_hyperscan(self) -> None:
-        assert hyperscan is not None
-        base = (hyperscan.HS_FLAG_MULTILINE | hyperscan.HS_FLAG_PREFILTER
-                | hyperscan.HS_FLAG_SINGLEMATCH | hyperscan.HS_FLAG_ALLOWEMPTY)
-        if self.text_mode:
-            base |= hyperscan.HS_FLAG_UTF8 | hyperscan.HS_FLAG_UCP
-        accepted: list[int] = []
-        exprs: list[bytes] = []
-        flags: list[int] = []
-        for i, p in enumerate(self.patterns):
-            f = base
-            if p.flags & re.IGNORECASE:
-                f |= hyperscan.HS_FLAG_CASELESS
-            expr = _expression(p, self.text_mode)
-            if expr is None or not _compiles(expr, f):
-                continue
-            accepted.append(i)
-            exprs.append(expr)
-            flags.append(f)
-        if not accepted:
-            return
-        db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-        db.compile(expressions=exprs, ids=list(range(len(exprs))), elements=len(exprs),
-                   flags=flags)
-        self._db = db
-        self._in_db = tuple(accepted)
-        self._by_re = tuple(i for i in range(len(self.patterns)) if i not in set(accepted))
+        self.needles = tuple(needles(p) for p in self.patterns)
 
     def possible(self, subjects: Sequence[str]) -> frozenset[int] | None:
         """Indexes of the patterns that may match one of `subjects`; None: try them all."""
@@ -99,50 +140,12 @@ class Screener:
             # Few subjects, or folded headers (where `.` must cross the fold).
             return None
         joined = "\n".join(subjects)
-        found: set[int] = set()
-        by_re: Iterable[int] = self._by_re
-        data = _data(joined, self.text_mode) if self._db is not None else None
-        if data is None:
-            by_re = range(len(self.patterns))
-        else:
-            assert hyperscan is not None
-            hits: list[int] = []
-
-            def on_match(i: int, start: int, end: int, flags: int, ctx: object) -> None:
-                hits.append(i)
-
-            self._db.scan(data, match_event_handler=on_match,
-                          scratch=hyperscan.Scratch(self._db))
-            found.update(self._in_db[i] for i in hits)
-        found.update(i for i in by_re if self.patterns[i].search(joined))
+        folded = fold(joined) if any(n and n.caseless for n in self.needles) else joined
+        found = set()
+        for i, (pattern, needle) in enumerate(zip(self.patterns, self.needles, strict=True)):
+            if needle is not None:
+                if needle.found_in(joined, folded):
+                    found.add(i)
+            elif pattern.search(joined):
+                found.add(i)
         return frozenset(found)
-
-
-def _expression(p: re.Pattern[str], text_mode: bool) -> bytes | None:
-    pattern = p.pattern
-    if p.flags & re.VERBOSE:
-        pattern = "(?x)" + pattern
-    try:
-        return pattern.encode("utf-8" if text_mode else "latin-1")
-    except UnicodeEncodeError:
-        return None
-
-
-def _data(joined: str, text_mode: bool) -> bytes | None:
-    """The bytes Hyperscan scans; None when they would not be valid for it."""
-    try:
-        # Hyperscan's UTF-8 mode is undefined on invalid UTF-8 (surrogate escapes).
-        return joined.encode("utf-8" if text_mode else "latin-1")
-    except UnicodeEncodeError:
-        return None
-
-
-def _compiles(expr: bytes, flags: int) -> bool:
-    assert hyperscan is not None
-    try:
-        hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK).compile(
-            expressions=[expr], ids=[0], elements=1, flags=[flags])
-    except hyperscan.error as exc:
-        log.debug("pattern %r stays with re screening: %s", expr, exc)
-        return False
-    return True

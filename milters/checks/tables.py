@@ -168,9 +168,7 @@ class Maps:
 
     def __post_init__(self) -> None:
         screened = [p for t in self.tables for p in t.all_patterns() if p.screen is not None]
-        text_mode = not any(p.regex.flags & re.ASCII for p in screened)
-        object.__setattr__(self, "screener",
-                           Screener((p.screen for p in screened if p.screen), text_mode))
+        object.__setattr__(self, "screener", Screener(p.screen for p in screened if p.screen))
         object.__setattr__(self, "_screened_ids", tuple(id(p) for p in screened))
 
     def __bool__(self) -> bool:

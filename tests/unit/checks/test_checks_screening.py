@@ -63,15 +63,14 @@ def test_screening_skips_rules_that_cannot_match() -> None:
     assert len(possible) < 4  # only the few that match "nothing to see" lines
 
 
-@pytest.mark.parametrize("accelerate", [True, False])
 @pytest.mark.parametrize("mode", [TextMode.TEXT, TextMode.BYTES])
-def test_both_engines_never_miss_a_line_match(accelerate: bool, mode: TextMode) -> None:
-    """Hyperscan (prefilter mode) and the re fallback may over-report, never miss."""
+def test_screening_never_misses_a_line_match(mode: TextMode) -> None:
+    """Needles and joined-text searches may over-report, never miss."""
     table = parse_table(TABLE.encode(), "pcre:t", "t", "pcre", mode, frozenset(), "body_checks")
     patterns = [p for p in table.all_patterns() if p.screen is not None]
-    screener = Screener([p.screen for p in patterns if p.screen], mode is TextMode.TEXT,
-                        accelerate=accelerate)
-    lines = [*LINES[:12], "Ünïcödé wörd MONEY", "ABAB", "FREE OFFER"] + ["pad"] * 8
+    screener = Screener([p.screen for p in patterns if p.screen])
+    lines = [*LINES[:12], "Ünïcödé wörd MONEY", "ABAB", "FREE OFFER", "Sub\u0131ect: ſ",
+             "\u212aasino", "PREFıX", "ſubject: money"] + ["pad"] * 8
     lines = [mode.from_str(line) for line in lines if "\n" not in line]
     possible = screener.possible(lines)
     assert possible is not None
