@@ -345,6 +345,11 @@ class MessageWalker:
 
     def _raw(self, index: int, content: bytes) -> Iterator[Item]:
         limit = self.size_limit
+        if len(content) <= LINE_PIECE:  # the common case, without the piece loop
+            if not (limit and self._offset >= limit):
+                yield Item(Where.BODY, self.mode.subject(content), RawLines(index, index + 1, 0))
+            self._offset += len(content) + 1
+            return
         for piece, start in enumerate(range(0, max(len(content), 1), LINE_PIECE)):
             if limit and self._offset + start >= limit:
                 break
