@@ -258,7 +258,9 @@ def adapter_class(runtime: Runtime, sessions: SessionCounter) -> type[Session]:
     cb("envfrom", Session._envfrom, Stage.MAIL in needed, raw=True)
     cb("envrcpt", Session._envrcpt, Stage.RCPT in needed or bypass, raw=True)
     cb("data", Session._data, True)
-    if needed & (Stage.HEADER | Stage.BODY):
+    # Headers also for the removal of forged Authentication-Results fields.
+    removes_forged = runtime.strip_all_forged or bool(runtime.filter.ar_methods)
+    if needed & (Stage.HEADER | Stage.BODY) or removes_forged:
         cb("header", Session._header, False, raw=True)
         cb("eoh", Session._eoh, True)
     if Stage.BODY in needed:

@@ -174,3 +174,18 @@ def test_filter_down_tempfails(postfix: PostfixInstance, checks: ChecksFactory) 
     assert not result.accepted
     assert result.mail is not None
     assert (result.mail.code, result.mail.enhanced) == (451, "4.7.1"), result
+
+
+def test_forged_authentication_results_with_our_id_are_removed(
+    postfix: PostfixInstance, checks: ChecksFactory
+) -> None:
+    """RFC 8601 §5: the first of our filters removes incoming fields that claim our
+    authserv-id (checks is the only, hence first, filter here); others stay."""
+    checks(extra='[global]\nauthserv_id = "mx.test.example"\n')
+    forged = ("Authentication-Results: mx.test.example; dmarc=pass header.from=bank.example\r\n"
+              "Authentication-Results: other.example; spf=pass smtp.mailfrom=x@other.example\r\n")
+    assert postfix.send(SENDER, [RCPT], message("forged", forged)).accepted
+    (delivered,) = postfix.wait_delivered(1)
+    fields = delivered.get_all("Authentication-Results") or []
+    assert [" ".join(f.split()) for f in fields] == [
+        "other.example; spf=pass smtp.mailfrom=x@other.example"]
