@@ -1,0 +1,74 @@
+"""The one DNS resolver every filter's lookups go through, and adapters for libraries.
+
+Built from [global.dns] (nameservers, port, timeout; empty: /etc/resolv.conf), so
+a site or a test can point the whole suite at a resolver on any address and
+port. Answers are cached by dnspython's thread-safe cache (libmilter calls from
+many threads). Timeouts and server failures are TempError, a name that does not
+exist or has no such record is an empty answer, so callers can map them to the
+RFC results (temperror versus none/permerror).
+"""
+
+from __future__ import annotations
+
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+
+from milters.core.config import DnsSettings
+from milters.core.errors import TempError
+
+
+class Resolver:
+    """A configured dnspython resolver. Immutable after construction; thread-safe."""
+
+    def __init__(self, settings: DnsSettings) -> None:
+        if settings.nameservers:
+            r = dns.resolver.Resolver(configure=False)
+            r.nameservers = list(settings.nameservers)
+            r.port = settings.port
+        else:
+            r = dns.resolver.Resolver(configure=True)
+            if settings.port != 53:
+                r.port = settings.port
+        r.timeout = settings.timeout
+        r.lifetime = settings.timeout
+        r.cache = dns.resolver.Cache()  # its own lock: shared by every thread
+        self._resolver = r
+        self.settings = settings
+
+    @property
+    def dnspython(self) -> dns.resolver.Resolver:
+        """The underlying resolver, for libraries that take one."""
+        return self._resolver
+
+    def query(self, name: str, rdtype: str) -> list[dns.rdata.Rdata]:
+        """Records of `rdtype` at `name`; [] for NXDOMAIN or no data; TempError otherwise."""
+        try:
+            answer = self._resolver.resolve(name, rdtype, search=False)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.resolver.NoNameservers as exc:
+            raise TempError(f"DNS {rdtype} {name}: no server answered ({exc})") from None
+        except dns.exception.Timeout:
+            raise TempError(f"DNS {rdtype} {name}: timed out after "
+                            f"{self.settings.timeout:g} s") from None
+        except dns.name.NameTooLong:
+            return []
+        except dns.exception.DNSException as exc:
+            raise TempError(f"DNS {rdtype} {name}: {type(exc).__name__}: {exc}") from None
+        return list(answer)
+
+    def txt(self, name: str) -> list[bytes]:
+        """Each TXT record at `name`, its strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
+        return [b"".join(r.strings) for r in self.query(name, "TXT")]  # type: ignore[attr-defined]
+
+    def dkim_dnsfunc(self, name: bytes | str, timeout: int = 5) -> bytes | None:
+        """The `dnsfunc` dkimpy takes: first TXT record at `name`, None when there is none.
+
+        A TempError propagates, so that the caller can tell temperror from a
+        missing key (dkimpy would read None as "no key": permerror).
+        """
+        text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        records = self.txt(text.rstrip("."))
+        return records[0] if records else None

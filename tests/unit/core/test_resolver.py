@@ -1,0 +1,61 @@
+"""The shared resolver against a DNS server on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from milters.core.config import DnsSettings
+from milters.core.errors import TempError
+from milters.core.resolver import Resolver
+from tests.support.dns import LoopbackDNS, dns_server
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[LoopbackDNS]:
+    with dns_server() as server:
+        yield server
+
+
+@pytest.fixture
+def resolver(dns: LoopbackDNS) -> Resolver:
+    dns.clear()
+    return Resolver(DnsSettings(nameservers=("127.0.0.1",), port=dns.port, timeout=1.0))
+
+
+def test_txt_joins_strings_of_long_records(dns: LoopbackDNS, resolver: Resolver) -> None:
+    value = "v=DKIM1; k=rsa; p=" + "A" * 400
+    dns.txt("sel._domainkey.example.com", value)
+    assert resolver.txt("sel._domainkey.example.com") == [value.encode()]
+    assert resolver.dkim_dnsfunc(b"sel._domainkey.example.com.") == value.encode()
+
+
+def test_missing_name_is_empty_not_an_error(resolver: Resolver) -> None:
+    assert resolver.txt("nothing.example.com") == []
+    assert resolver.dkim_dnsfunc("nothing.example.com.") is None
+
+
+def test_several_records(dns: LoopbackDNS, resolver: Resolver) -> None:
+    dns.txt("example.org", "v=spf1 -all")
+    dns.txt("example.org", "other")
+    assert sorted(resolver.txt("example.org")) == [b"other", b"v=spf1 -all"]
+    dns.a("mx.example.org", "192.0.2.25")
+    assert [r.to_text() for r in resolver.query("mx.example.org", "A")] == ["192.0.2.25"]
+
+
+def test_timeout_is_temperror(dns: LoopbackDNS) -> None:
+    dns.clear()
+    dns.txt("slow.example", "x")
+    dns.set_delay(1.5)
+    r = Resolver(DnsSettings(nameservers=("127.0.0.1",), port=dns.port, timeout=0.3))
+    with pytest.raises(TempError, match="timed out"):
+        r.txt("slow.example")
+    dns.set_delay(0)
+
+
+def test_servfail_is_temperror(dns: LoopbackDNS, resolver: Resolver) -> None:
+    dns.set_fail(True)
+    with pytest.raises(TempError):
+        resolver.txt("fail.example")
+    dns.set_fail(False)
