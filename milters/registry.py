@@ -64,6 +64,7 @@ def build_runtime(cfg: Config, name: str) -> Runtime:
     cls = filter_class(name)
     settings = cfg.filters[name]
     env = Env(cfg.global_)
+    env.resolver  # noqa: B018 - built now, before any fork or thread, not lazily in one
     flt = cls(settings, env)
     policy = SitePolicy(
         filter_name=name,

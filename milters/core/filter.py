@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from milters.core.config import FilterSettings, GlobalSettings
 from milters.core.model import Connection, Transaction
+from milters.core.resolver import Resolver
 from milters.core.verdict import Verdict
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -38,6 +39,11 @@ class Env:
     """Process-wide context shared by the filters: global settings and services."""
 
     global_: GlobalSettings
+
+    @cached_property
+    def resolver(self) -> Resolver:
+        """The one resolver every lookup goes through ([global.dns])."""
+        return Resolver(self.global_.dns)
 
     @cached_property
     def internal_networks(self) -> tuple[Network, ...]:
