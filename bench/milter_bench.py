@@ -101,9 +101,11 @@ def prepare(raw: bytes, expect_reject: bool = False) -> Prepared:
     return Prepared(tuple(headers), body, len(raw), expect_reject)
 
 
-def envelope() -> Envelope:
-    """The SMTP session every benchmark message claims to come from."""
+def envelope(auth_user: str = "") -> Envelope:
+    """The SMTP session every benchmark message claims to come from (`auth_user`:
+    a SASL login, which makes a signing filter sign)."""
     return Envelope(
+        auth_user=auth_user,
         client_ip="198.51.100.7",
         client_name="mail.sender.example",
         helo="mail.sender.example",
@@ -164,6 +166,7 @@ class Load:
     duration: float | None  # seconds; or
     count: int | None  # messages in all
     judge: bool = True  # the filter has the bench tables: the planted 2 % must be rejected
+    auth_user: str = ""  # a SASL login for every session (dkim signing)
 
 
 @dataclass
@@ -200,7 +203,7 @@ def _client(index: int, load: Load, messages: Sequence[Prepared], barrier: Barri
         opened = time.perf_counter()
         try:
             session = PostfixSession(load.socket, timeout=CLIENT_TIMEOUT, tcp_nodelay=load.nodelay)
-            session.envelope = envelope()
+            session.envelope = envelope(load.auth_user)
             with session:
                 for step in (session.connect, session.helo):
                     if step().final:

@@ -46,6 +46,8 @@ commands:
   probe SOCKET FILE.eml
                     send a message to a running milter (ours or any other) as
                     Postfix would, and print every action it answers
+  dkim genkey|testkey
+                    make a DKIM key pair and its TXT record; check a published key
 
 Postfix main.cf wiring (see README.md):
   smtpd_milters = inet:127.0.0.1:8895
@@ -163,7 +165,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--queue-id", default="", metavar="ID", help="the `i` macro to send")
     _add_envelope(p)
+    _add_dkim(sub)
     return parser
+
+
+def _add_dkim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "dkim", help="DKIM key tools: genkey, testkey",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            DKIM key tools, in place of opendkim-genkey and opendkim-testkey.
+
+              milters dkim genkey --domain example.com --selector mail --dir /etc/milters/dkim
+              milters dkim testkey --domain example.com --selector mail \\
+                  --key /etc/milters/dkim/mail.private"""),
+    )
+    dsub = p.add_subparsers(dest="dkim_command", metavar="TOOL", required=True)
+    g = dsub.add_parser(
+        "genkey", help="make a key pair and its DNS TXT record",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Make a DKIM key pair as opendkim-genkey does: DIR/SELECTOR.private, the
+            private key (PEM, created with mode 0600; OpenDKIM reads it too), and
+            DIR/SELECTOR.txt, the TXT record to publish at
+            SELECTOR._domainkey.DOMAIN in zone-file form, its text cut into
+            strings of at most 255 bytes (some DNS servers refuse longer ones).
+            Existing files are never overwritten. Then point [dkim] at the key:
+            domain, selector and key_file (or a key_table line), and run testkey
+            once the record is published. RSA keys are made by `openssl genrsa`."""),
+    )
+    g.add_argument("--domain", required=True, metavar="DOMAIN", help="the signing domain (d=)")
+    g.add_argument("--selector", required=True, metavar="SELECTOR",
+                   help="the selector (s=), e.g. mail or 2026-11")
+    g.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa",
+                   help="rsa (RSA-SHA256, every verifier) or ed25519 (RFC 8463, sign with "
+                        "both side by side); default: %(default)s")
+    g.add_argument("--bits", type=int, default=2048, metavar="N",
+                   help="RSA key size, 1024-4096 (default: %(default)s)")
+    g.add_argument("--dir", default=".", metavar="DIR",
+                   help="where to write the files (default: the current directory)")
+    t = dsub.add_parser(
+        "testkey", help="check that DNS publishes a private key's public half",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Look up the TXT record at SELECTOR._domainkey.DOMAIN through the
+            suite's resolver ([global.dns] of the config) and say whether it
+            publishes the public half of the private key in FILE, as
+            opendkim-testkey does.
+            Exit status: 0 the record matches, 1 it is missing or differs,
+            75 the lookup failed for now."""),
+    )
+    t.add_argument("--domain", required=True, metavar="DOMAIN", help="the signing domain (d=)")
+    t.add_argument("--selector", required=True, metavar="SELECTOR", help="the selector (s=)")
+    t.add_argument("--key", required=True, metavar="FILE", help="the private key file")
+    _add_config(t)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,6 +331,24 @@ def cmd_probe(args: argparse.Namespace) -> int:
     return 0 if result.verdict in ("accept", "continue") else 1
 
 
+def cmd_dkim(args: argparse.Namespace) -> int:
+    from milters.core.resolver import Resolver
+    from milters.dkim import keytools
+
+    if args.dkim_command == "genkey":
+        made = keytools.genkey(args.domain, args.selector, args.algorithm, args.bits, args.dir)
+        print(f"wrote {made.private_path} (private key, mode 0600) and {made.txt_path}")
+        print(f"publish this TXT record in the zone of {args.domain}:")
+        sys.stdout.write(made.zone)
+        return 0
+    cfg = registry.load(args.config)
+    result = keytools.testkey(args.domain, args.selector, args.key, Resolver(cfg.global_.dns))
+    print(result.message)
+    if result.ok:
+        return 0
+    return 75 if result.temporary else 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from milters.core.supervisor import Supervisor, block_signals, die_with_parent
 
@@ -351,4 +424,5 @@ COMMANDS = types.MappingProxyType({
     "check-config": cmd_check_config,
     "test": cmd_test,
     "probe": cmd_probe,
+    "dkim": cmd_dkim,
 })

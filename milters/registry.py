@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from milters.checks import ChecksFilter
+from milters.clamav import ClamavFilter
 from milters.core.config import (
     Config,
     build_config,
@@ -23,9 +24,10 @@ from milters.core.errors import ConfigError
 from milters.core.filter import Env, Filter
 from milters.core.policy import SitePolicy
 from milters.core.runtime import Runtime
+from milters.dkim import DkimFilter
 
 FILTERS: Mapping[str, type[Filter]] = types.MappingProxyType(
-    {cls.name: cls for cls in (ChecksFilter,)}
+    {cls.name: cls for cls in (DkimFilter, ClamavFilter, ChecksFilter)}
 )
 
 

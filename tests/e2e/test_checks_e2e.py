@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from milters import registry
 from tests.e2e.filters import RunningFilter, StartFilter
 from tests.e2e.postfix import PostfixInstance, Reply
 
@@ -180,8 +181,9 @@ def test_forged_authentication_results_with_our_id_are_removed(
     postfix: PostfixInstance, checks: ChecksFactory
 ) -> None:
     """RFC 8601 §5: the first of our filters removes incoming fields that claim our
-    authserv-id (checks is the only, hence first, filter here); others stay."""
-    checks(extra='[global]\nauthserv_id = "mx.test.example"\n')
+    authserv-id (checks is the only enabled, hence first, filter here); others stay."""
+    others = "".join(f"[{n}]\nenabled = false\n" for n in registry.FILTERS if n != "checks")
+    checks(extra='[global]\nauthserv_id = "mx.test.example"\n' + others)
     forged = ("Authentication-Results: mx.test.example; dmarc=pass header.from=bank.example\r\n"
               "Authentication-Results: other.example; spf=pass smtp.mailfrom=x@other.example\r\n")
     assert postfix.send(SENDER, [RCPT], message("forged", forged)).accepted

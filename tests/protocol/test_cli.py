@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from milters import registry
 from tests.support.processes import ProcessFactory, free_port, port_accepts, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -90,7 +91,9 @@ def test_probe_unreachable_milter() -> None:
 def test_serve_restarts_a_dead_filter_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
     cfg = tmp_path / "m.toml"
-    cfg.write_text(f'[checks]\nsocket = "inet:{port}@127.0.0.1"\n')
+    # Only checks: the other filters would take their default ports.
+    others = "".join(f"[{n}]\nenabled = false\n" for n in registry.FILTERS if n != "checks")
+    cfg.write_text(f'[checks]\nsocket = "inet:{port}@127.0.0.1"\n' + others)
     factory = ProcessFactory()
     try:
         serve = factory.start([sys.executable, "-m", "milters", "serve", "--config", str(cfg)],
@@ -102,7 +105,7 @@ def test_serve_restarts_a_dead_filter_and_stops_cleanly(tmp_path: Path) -> None:
         assert wait_until(lambda: "died: killed by SIGKILL" in serve.output(), 20)
         assert wait_until(lambda: port_accepts(port), 20)
 
-        cfg.write_text(f'[checks]\nsocket = "inet:{port}@127.0.0.1"\nworkerz = 2\n')
+        cfg.write_text(f'[checks]\nsocket = "inet:{port}@127.0.0.1"\nworkerz = 2\n' + others)
         os.kill(serve.pid, signal.SIGHUP)
         assert wait_until(lambda: "reload refused" in serve.output(), 20)
         assert "did you mean 'workers'?" in serve.output()

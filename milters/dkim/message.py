@@ -1,0 +1,80 @@
+"""A transaction's header as DKIM sees it, and the folding Postfix would do on the way out.
+
+dkimpy works on (name, value) byte pairs where the value is everything after
+the colon with CRLF line ends, as on the wire. Our Transaction keeps values
+byte-exact with folds joined by "\\n" (SMFIP_HDR_LEADSPC), so the wire form is
+name + ":" + value, folds as CRLF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from milters.core.model import Header
+
+# RFC 5322 §2.1.1: a line MUST be no more than 998 characters without its CRLF.
+# Postfix's smtp client breaks longer lines on the way out (smtp_line_length_limit),
+# which would break a signature made over the long line.
+MAX_LINE = 998
+
+DkimHeader = tuple[bytes, bytes]
+
+
+def dkim_headers(headers: Sequence[Header]) -> list[DkimHeader]:
+    """(name, value) pairs as dkimpy expects them: value after the colon, CRLF ends."""
+    out = []
+    for h in headers:
+        value = h.value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        out.append((h.name.encode("ascii", "surrogateescape"), value + b"\r\n"))
+    return out
+
+
+@dataclass(frozen=True)
+class FoldedField:
+    """A field whose value we fold before signing: the n-th (1-based) of its name."""
+
+    name: str
+    occurrence: int
+    value: bytes  # the new value, folds joined by "\n" as in Transaction
+
+
+def fold_value(name: str, value: bytes, limit: int = MAX_LINE) -> bytes | None:
+    """`value` with every line of the field kept within `limit` bytes; None if it already is.
+
+    Folds at the last space or tab before the limit (RFC 5322 §2.2.3: folding is
+    inserting CRLF before white space), which relaxed canonicalization ignores;
+    a run without white space is broken with "\\n " as Postfix does.
+    """
+    lines = value.replace(b"\r\n", b"\n").split(b"\n")
+    prefix = len(name) + 1  # "Name:" on the first line
+    if all(len(line) + (prefix if i == 0 else 0) <= limit for i, line in enumerate(lines)):
+        return None
+    out: list[bytes] = []
+    for i, line in enumerate(lines):
+        room = limit - (prefix if i == 0 else 0)
+        while len(line) > room:
+            # Never fold at position 0 of a continuation line (that white space is the fold).
+            cut = max(line.rfind(b" ", 1, room), line.rfind(b"\t", 1, room))
+            if cut <= 0:
+                out.append(line[:room])
+                line = b" " + line[room:]
+            else:
+                out.append(line[:cut])
+                line = line[cut:]
+            room = limit
+        out.append(line)
+    return b"\n".join(out)
+
+
+def fold_long_fields(headers: Sequence[Header]) -> list[FoldedField]:
+    """The fields that have a line longer than 998 bytes, folded."""
+    seen: dict[str, int] = {}
+    folded = []
+    for h in headers:
+        key = h.name.lower()
+        seen[key] = seen.get(key, 0) + 1
+        new = fold_value(h.name, h.value)
+        if new is not None:
+            folded.append(FoldedField(h.name, seen[key], new))
+    return folded
