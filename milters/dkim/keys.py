@@ -19,13 +19,14 @@ import os
 import re
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import dkim.crypto
 import nacl.exceptions
 import nacl.signing
+from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
 
 from milters.core.errors import ConfigError
 
@@ -50,6 +51,9 @@ class PrivateKey:
     bits: int
     rsa: Mapping[str, int] | None = None
     ed25519_seed: bytes = b""
+    # The same RSA key in OpenSSL (via `cryptography`): signing there takes about
+    # 1 ms instead of 8 ms of Python big-number arithmetic per message.
+    rsa_native: Any = field(default=None, compare=False)
 
     def __repr__(self) -> str:  # never print key material
         return f"PrivateKey({self.algorithm}, {self.bits} bits)"
@@ -125,7 +129,19 @@ def parse_private_key(data: bytes, source: str) -> PrivateKey:
             f"{source}: RSA key of {bits} bits; DKIM keys must have "
             f"{MIN_RSA_BITS}-{MAX_RSA_BITS} bits (RFC 8301 §3.2)"
         )
-    return PrivateKey("rsa-sha256", bits, rsa=rsa)
+    return PrivateKey("rsa-sha256", bits, rsa=rsa, rsa_native=_native_rsa(rsa, source))
+
+
+def _native_rsa(rsa: Mapping[str, int], source: str) -> Any:
+    try:
+        numbers = crypto_rsa.RSAPrivateNumbers(
+            p=rsa["prime1"], q=rsa["prime2"], d=rsa["privateExponent"],
+            dmp1=rsa["exponent1"], dmq1=rsa["exponent2"], iqmp=rsa["coefficient"],
+            public_numbers=crypto_rsa.RSAPublicNumbers(rsa["publicExponent"], rsa["modulus"]),
+        )
+        return numbers.private_key()
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"{source}: inconsistent RSA private key ({exc})") from None
 
 
 def load_private_key(path: str, allow_insecure: bool) -> PrivateKey:

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from dnslib import AAAA, QTYPE, RCODE, RR, TXT, A, DNSRecord
-from dnslib.server import BaseResolver, DNSServer
+from dnslib.server import BaseResolver, DNSLogger, DNSServer
 
 from tests.support.processes import free_port
 
@@ -97,7 +97,8 @@ class LoopbackDNS:
 def dns_server() -> Iterator[LoopbackDNS]:
     resolver = ZoneResolver()
     port = free_port()
-    servers = [DNSServer(resolver, port=port, address="127.0.0.1", tcp=tcp)
+    quiet = DNSLogger(logf=lambda _: None)  # dnslib prints every query otherwise
+    servers = [DNSServer(resolver, port=port, address="127.0.0.1", tcp=tcp, logger=quiet)
                for tcp in (False, True)]
     for s in servers:
         s.start_thread()
