@@ -34,7 +34,7 @@ from milters.dkim.keys import (
     load_signing_table,
     simple_key_ring,
 )
-from milters.dkim.message import dkim_headers, fold_long_fields
+from milters.dkim.message import break_long_body_lines, dkim_headers, fold_long_fields
 from milters.dkim.settings import DkimSettings, OnResult
 from milters.dkim.signing import SIGNATURE_FIELD, SignOptions, sign_message
 from milters.dkim.verification import FAIL, PASS, PERMERROR, TEMPERROR, verify_all
@@ -77,6 +77,7 @@ class DkimFilter(Filter):
     settings_class = DkimSettings
     stages = Stage.HEADER | Stage.BODY
     may_quarantine = True
+    may_replace_body = True  # body lines over 998 bytes, broken before signing
     ar_methods = frozenset({"dkim"})
 
     def __init__(self, settings: FilterSettings, env: Env) -> None:
@@ -153,6 +154,9 @@ class DkimFilter(Filter):
                         headers[i] = replace(h, value=f.value)
         wire_headers = dkim_headers(headers)
         body = tx.body.getvalue()
+        new_body = break_long_body_lines(body)
+        if new_body is not None:
+            body = new_body
         cache: dict[tuple[str, str], bytes] = {}
         done = []
         for domain, selector, key in keys:
@@ -160,7 +164,8 @@ class DkimFilter(Filter):
                                  self.sign_options, body_cache=cache)
             edits.append(HeaderEdit(EditKind.INSERT, SIGNATURE_FIELD, value, index=0))
             done.append(f"d={domain} s={selector} a={key.algorithm}")
-        return Verdict(reason="signed " + ", ".join(done), header_edits=tuple(edits))
+        return Verdict(reason="signed " + ", ".join(done), header_edits=tuple(edits),
+                       replace_body=new_body)
 
     # -- verification --------------------------------------------------------------
 

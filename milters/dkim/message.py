@@ -78,3 +78,23 @@ def fold_long_fields(headers: Sequence[Header]) -> list[FoldedField]:
         if new is not None:
             folded.append(FoldedField(h.name, seen[key], new))
     return folded
+
+
+def break_long_body_lines(body: bytes, limit: int = MAX_LINE) -> bytes | None:
+    """The body with lines over `limit` bytes broken as Postfix's smtp client would
+    break them (smtp_line_length_limit: "<CR><LF><SPACE>" inserted), or None if no
+    line is that long. Signing this form, and handing it to Postfix as the new
+    body, keeps the body hash valid on the way out (RFC 6376 §5.3: sign what is sent).
+    """
+    lines = body.split(b"\r\n")
+    if all(len(line) <= limit for line in lines):
+        return None
+    out: list[bytes] = []
+    for line in lines:
+        room = limit
+        while len(line) > room:
+            out.append(line[:room])
+            line = b" " + line[room:]
+            room = limit
+        out.append(line)
+    return b"\r\n".join(out)

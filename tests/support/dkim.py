@@ -56,4 +56,6 @@ def outgoing(raw: bytes, verdict: Verdict | list[HeaderEdit]) -> bytes:
             out.append(f"{e.name}: {e.value}".replace("\n", "\r\n").encode() + b"\r\n")
     for h in headers:
         out.append(h.name.encode() + b":" + h.value.replace(b"\n", b"\r\n") + b"\r\n")
+    if isinstance(verdict, Verdict) and verdict.replace_body is not None:
+        body = verdict.replace_body
     return b"".join(out) + b"\r\n" + body
