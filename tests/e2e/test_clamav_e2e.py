@@ -22,7 +22,8 @@ ClamavFactory = Callable[..., RunningFilter]
 
 @pytest.fixture
 def clamav(postfix: PostfixInstance, start_filter: StartFilter, clamd: Clamd) -> ClamavFactory:
-    """clamav(extra="", backend=clamd.tcp) starts `milters run clamav` against the test clamd and attaches it."""
+    """clamav(extra="", backend=clamd.tcp) starts `milters run clamav` against the
+    test clamd and attaches it to Postfix."""
 
     def start(extra: str = "", backend: str = clamd.tcp) -> RunningFilter:
         flt = start_filter(

@@ -79,7 +79,9 @@ def test_offline_test_command_from_stdin(tmp_path: Path) -> None:
                   "--rcpt", "u@example.com", stdin=msg)
     assert out.returncode == 1, out.stderr
     assert "[checks] verdict: reject 550 5.7.1 no money talk" in out.stdout
-    clean = milters("test", "-", "--config", str(cfg), stdin="Subject: hi\n\nhi\n")
+    # Only checks: clamav would tempfail here, with no clamd to scan with.
+    clean = milters("test", "-", "--config", str(cfg), "--filter", "checks",
+                    stdin="Subject: hi\n\nhi\n")
     assert clean.returncode == 0 and "verdict: accept" in clean.stdout
 
 
