@@ -137,7 +137,7 @@ class Transaction:
         for h in self.headers:
             value = h.value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
             sep = b":" if value[:1] in (b" ", b"\t") else b": "
-            out += h.name.encode("ascii", "surrogateescape") + sep + value + b"\r\n"
+            out += h.name.encode("utf-8", "surrogateescape") + sep + value + b"\r\n"
         return bytes(out)
 
     def close(self) -> None:

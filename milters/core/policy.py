@@ -23,6 +23,8 @@ from milters.core.verdict import (
 )
 
 REPORT_HEADER = "X-Milters-Report"
+# Header edits that alter what the sender wrote (report mode holds them back).
+_ALTERING = frozenset({EditKind.CHANGE, EditKind.DELETE})
 
 # RFC 3463 §3.6 / RFC 5321 §4.5.3.1.10: a recipient whose policy differs from the
 # recipients already accepted must be sent in a transaction of its own.
@@ -86,14 +88,20 @@ def describe(verdict: Verdict) -> str:
 
 
 def _would(verdict: Verdict) -> bool:
-    """Does the verdict do anything beyond tagging with AR results?"""
+    """Does the verdict do anything that report mode holds back?
+
+    Report mode is a dry run of everything that refuses, diverts or alters mail:
+    refusals, quarantine, recipient and body changes, changed or deleted header
+    fields. Fields a filter only adds (results, X-Virus-Status, a signature) are
+    information and go through.
+    """
     return bool(
         verdict.action is not Action.ACCEPT
         or verdict.quarantine
         or verdict.add_rcpts
         or verdict.del_rcpts
         or verdict.replace_body is not None
-        or verdict.header_edits
+        or any(e.kind in _ALTERING for e in verdict.header_edits)
     )
 
 
@@ -102,14 +110,20 @@ def report_only(verdict: Verdict, policy: SitePolicy) -> Verdict:
     if not _would(verdict):
         return verdict
     text = f"{policy.filter_name} would {describe(verdict)}"
-    edits = [e.describe() for e in verdict.header_edits]
-    if edits:
-        text += "; " + "; ".join(edits)
+    held = [e for e in verdict.header_edits if e.kind in _ALTERING]
+    kept = tuple(e for e in verdict.header_edits if e.kind not in _ALTERING)
+    extra = [e.describe() for e in held]
+    extra += [f"add recipient {r}" for r in verdict.add_rcpts]
+    extra += [f"delete recipient {r}" for r in verdict.del_rcpts]
+    if verdict.replace_body is not None:
+        extra.append("replace the body")
+    if extra:
+        text += "; " + "; ".join(extra)
     return Verdict(
         action=Action.ACCEPT,
         reason=f"report mode: would {describe(verdict)}",
         results=verdict.results,
-        header_edits=(HeaderEdit(EditKind.ADD, REPORT_HEADER, _one_line(text)),),
+        header_edits=(*kept, HeaderEdit(EditKind.ADD, REPORT_HEADER, _one_line(text))),
         log_notes=verdict.log_notes,
     )
 

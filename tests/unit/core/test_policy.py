@@ -103,3 +103,19 @@ def test_merge_early_hold_into_final() -> None:
     v = merge(early, Verdict(header_edits=(HeaderEdit(EditKind.ADD, "X", "1"),)))
     assert v.quarantine == "client hold" and v.add_rcpts == ("b@x",)
     assert v.reason == "client"
+
+
+def test_report_mode_keeps_added_fields_and_holds_back_alterations() -> None:
+    verdict = Verdict(header_edits=(
+        HeaderEdit(EditKind.ADD, "X-Virus-Status", "Clean"),
+        HeaderEdit(EditKind.INSERT, "DKIM-Signature", "v=1", index=0),
+        HeaderEdit(EditKind.CHANGE, "Subject", "rewritten", index=1),
+    ))
+    v = finalize(verdict, policy(mode="report"))
+    kinds = [(e.kind, e.name) for e in v.header_edits]
+    assert (EditKind.ADD, "X-Virus-Status") in kinds
+    assert (EditKind.INSERT, "DKIM-Signature") in kinds
+    assert (EditKind.CHANGE, "Subject") not in kinds
+    assert "change header Subject[1] to: rewritten" in v.header_edits[-1].value
+    tags_only = Verdict(header_edits=(HeaderEdit(EditKind.ADD, "X-Virus-Status", "Clean"),))
+    assert finalize(tags_only, policy(mode="report")) == tags_only
