@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from milters.core.config import FilterSettings
+from milters.core.dkim_verify import FAIL, PASS, PERMERROR, TEMPERROR, dkim_headers, verify_all
 from milters.core.errors import ConfigError
 from milters.core.filter import Env, Filter, Network, Stage
 from milters.core.model import Connection, Transaction
@@ -34,10 +35,9 @@ from milters.dkim.keys import (
     load_signing_table,
     simple_key_ring,
 )
-from milters.dkim.message import break_long_body_lines, dkim_headers, fold_long_fields
+from milters.dkim.message import break_long_body_lines, fold_long_fields
 from milters.dkim.settings import DkimSettings, OnResult
 from milters.dkim.signing import SIGNATURE_FIELD, SignOptions, sign_message
-from milters.dkim.verification import FAIL, PASS, PERMERROR, TEMPERROR, verify_all
 
 log = logging.getLogger(__name__)
 

@@ -18,18 +18,6 @@ from milters.core.model import Header
 # which would break a signature made over the long line.
 MAX_LINE = 998
 
-DkimHeader = tuple[bytes, bytes]
-
-
-def dkim_headers(headers: Sequence[Header]) -> list[DkimHeader]:
-    """(name, value) pairs as dkimpy expects them: value after the colon, CRLF ends."""
-    out = []
-    for h in headers:
-        value = h.value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        out.append((h.name.encode("ascii", "surrogateescape"), value + b"\r\n"))
-    return out
-
-
 @dataclass(frozen=True)
 class FoldedField:
     """A field whose value we fold before signing: the n-th (1-based) of its name."""

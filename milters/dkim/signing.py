@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
+from milters.core.dkim_verify import DkimHeader
 from milters.dkim.keys import PrivateKey
-from milters.dkim.message import DkimHeader
 
 SIGNATURE_FIELD = "DKIM-Signature"
 _LINE = 76  # fold the field's tags at about this width

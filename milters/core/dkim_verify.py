@@ -3,7 +3,9 @@
 dkimpy's own verify() answers True or False and logs the why; we need the
 RFC 8601 result of every signature (fail versus permerror versus temperror,
 RFC 8301 policy), so this module runs the steps of RFC 6376 §6.1 itself with
-dkimpy's parsers, canonicalization and crypto, and keys from the shared resolver.
+dkimpy's parsers and canonicalization, OpenSSL for RSA, and keys from the shared
+resolver. It lives in core because two filters need it: dkim (verification) and
+dmarc (self-validation when no trusted dkim result is present).
 """
 
 from __future__ import annotations
@@ -28,8 +30,20 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
 from milters.core.errors import TempError
+from milters.core.model import Header
 from milters.core.verdict import AuthResult
-from milters.dkim.message import DkimHeader
+
+DkimHeader = tuple[bytes, bytes]
+
+
+def dkim_headers(headers: Sequence[Header]) -> list[DkimHeader]:
+    """(name, value) pairs as dkimpy expects them: value after the colon, CRLF ends."""
+    out = []
+    for h in headers:
+        value = h.value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        out.append((h.name.encode("ascii", "surrogateescape"), value + b"\r\n"))
+    return out
+
 
 # RFC 8601 §2.7.1 results, and which of them count as a broken signature.
 PASS, FAIL, NEUTRAL, POLICY = "pass", "fail", "neutral", "policy"
