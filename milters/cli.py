@@ -48,6 +48,8 @@ commands:
                     Postfix would, and print every action it answers
   dkim genkey|testkey
                     make a DKIM key pair and its TXT record; check a published key
+  dmarc report|stats
+                    send DMARC aggregate reports; print pass/fail statistics
 
 Postfix main.cf wiring (see README.md):
   smtpd_milters = inet:127.0.0.1:8895
@@ -166,7 +168,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-id", default="", metavar="ID", help="the `i` macro to send")
     _add_envelope(p)
     _add_dkim(sub)
+    _add_dmarc(sub)
     return parser
+
+
+def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "dmarc", help="DMARC aggregate reports and statistics from the history",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Read the DMARC history ([dmarc] history) that the dmarc filter writes.
+
+              milters dmarc report                 yesterday's reports (UTC), sent by SMTP
+              milters dmarc report --dry-run DIR   write them to DIR instead
+              milters dmarc stats --hours 24       pass/fail per From domain and source"""),
+    )
+    dsub = p.add_subparsers(dest="dmarc_command", metavar="TOOL", required=True)
+    r = dsub.add_parser(
+        "report", help="build and send RFC 9990 aggregate reports",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Build one aggregate report (RFC 9990 XML, gzipped) per policy domain
+            that asked for reports (rua=) for the period [--begin, --end), by
+            default the previous whole UTC day, as opendmarc-reports does from
+            OpenDMARC's history. Destinations outside the policy domain must
+            authorize us in DNS (POLICYDOMAIN._report._dmarc.DEST); the others
+            are skipped and named. Reports go through [dmarc] report_smtp_host
+            and report_smtp_port, or into a directory with --dry-run.
+            Exit status: 0 done, 1 a report could not be sent."""),
+    )
+    r.add_argument("--begin", metavar="TIME",
+                   help="start: YYYY-MM-DD, YYYY-MM-DDTHH:MM (UTC) or Unix seconds")
+    r.add_argument("--end", metavar="TIME", help="end (excluded), same forms")
+    r.add_argument("--domain", action="append", default=[], metavar="DOMAIN",
+                   help="only this policy domain (repeatable)")
+    r.add_argument("--dry-run", metavar="DIR",
+                   help="write the .xml.gz files to DIR instead of sending them")
+    _add_config(r)
+    st = dsub.add_parser("stats", help="pass/fail counts per From domain and source IP")
+    st.add_argument("--hours", type=float, default=24.0, metavar="N",
+                    help="the last N hours (default: %(default)s)")
+    _add_config(st)
 
 
 def _add_dkim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -349,6 +391,78 @@ def cmd_dkim(args: argparse.Namespace) -> int:
     return 75 if result.temporary else 1
 
 
+def _when(text: str) -> int:
+    import datetime as dt
+
+    if text.isdigit():
+        return int(text)
+    try:
+        moment = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise MiltersError(f"not a time: {text!r} (YYYY-MM-DD, YYYY-MM-DDTHH:MM or "
+                           "Unix seconds)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return int(moment.timestamp())
+
+
+def cmd_dmarc(args: argparse.Namespace) -> int:
+    import smtplib
+    import time
+
+    from milters.core.resolver import Resolver
+    from milters.dmarc import DmarcSettings
+    from milters.dmarc import report as reports
+    from milters.dmarc.history import open_history
+
+    cfg = registry.load(args.config)
+    settings = cfg.filters["dmarc"]
+    assert isinstance(settings, DmarcSettings)
+    store = open_history(settings.history)
+    if store is None:
+        raise MiltersError("[dmarc] history is empty: no history to read")
+    now = int(time.time())
+    if args.dmarc_command == "stats":
+        lines = reports.stats(store.entries(now - int(args.hours * 3600), now + 1))
+        print(f"{'from domain':<40} {'source':<40} {'pass':>6} {'fail':>6} {'other':>6}")
+        for line in lines:
+            print(f"{line.domain:<40} {line.source_ip:<40} {line.passed:>6} "
+                  f"{line.failed:>6} {line.other:>6}")
+        return 0
+    day = now - now % 86400
+    begin = _when(args.begin) if args.begin else day - 86400
+    end = _when(args.end) if args.end else begin + 86400
+    org = settings.report_org_name or cfg.global_.authserv_id
+    sender = settings.report_email or f"dmarc-noreply@{cfg.global_.authserv_id}"
+    built = reports.build_reports(store.entries(begin, end, args.domain), begin, end, org,
+                                  sender)
+    resolver = Resolver(cfg.global_.dns)
+    failed = 0
+    for rep in built:
+        auth = reports.authorized_destinations(rep, resolver, settings.discovery)
+        for address, why in auth.refused:
+            print(f"{rep.policy_domain}: not sending to {address}: {why}")
+        if args.dry_run:
+            path = reports.write_report(rep, args.dry_run)
+            print(f"{rep.policy_domain}: {rep.messages} messages, {rep.rows} rows -> {path}"
+                  f" (would send to: {', '.join(auth.allowed) or 'nobody'})")
+            continue
+        if not auth.allowed:
+            continue
+        try:
+            reports.send_report(reports.report_message(rep, sender, auth.allowed),
+                                settings.report_smtp_host, settings.report_smtp_port)
+        except (OSError, smtplib.SMTPException) as exc:
+            failed += 1
+            print(f"{rep.policy_domain}: not sent: {exc}", file=sys.stderr)
+            continue
+        print(f"{rep.policy_domain}: {rep.messages} messages, {rep.rows} rows sent to "
+              f"{', '.join(auth.allowed)}")
+    if not built:
+        print("no reports for this period")
+    return 1 if failed else 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from milters.core.supervisor import Supervisor, block_signals, die_with_parent
 
@@ -425,4 +539,5 @@ COMMANDS = types.MappingProxyType({
     "test": cmd_test,
     "probe": cmd_probe,
     "dkim": cmd_dkim,
+    "dmarc": cmd_dmarc,
 })

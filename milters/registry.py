@@ -25,9 +25,11 @@ from milters.core.filter import Env, Filter
 from milters.core.policy import SitePolicy
 from milters.core.runtime import Runtime
 from milters.dkim import DkimFilter
+from milters.dmarc import DmarcFilter
+from milters.spf import SpfFilter
 
 FILTERS: Mapping[str, type[Filter]] = types.MappingProxyType(
-    {cls.name: cls for cls in (DkimFilter, ClamavFilter, ChecksFilter)}
+    {cls.name: cls for cls in (DkimFilter, SpfFilter, DmarcFilter, ClamavFilter, ChecksFilter)}
 )
 
 
@@ -65,7 +67,10 @@ def build_runtime(cfg: Config, name: str) -> Runtime:
     """Build the filter (tables compiled, keys loaded). Raises ConfigError."""
     cls = filter_class(name)
     settings = cfg.filters[name]
-    env = Env(cfg.global_)
+    enabled = [n for n in FILTERS if cfg.filters[n].enabled]
+    # Filters of ours that run before this one (see Env.upstream).
+    upstream = tuple(enabled[: enabled.index(name)]) if name in enabled else ()
+    env = Env(cfg.global_, upstream=upstream)
     env.resolver  # noqa: B018 - built now, before any fork or thread, not lazily in one
     flt = cls(settings, env)
     policy = SitePolicy(
@@ -75,7 +80,6 @@ def build_runtime(cfg: Config, name: str) -> Runtime:
         on_error=cfg.on_error_of(name),
         bypass_recipients=cfg.global_.bypass_recipients,
     )
-    enabled = [n for n in FILTERS if cfg.filters[n].enabled]
     first = enabled[0] if enabled else name
     return Runtime(cfg, flt, policy, strip_all_forged=(first == name))
 

@@ -39,6 +39,11 @@ class Env:
     """Process-wide context shared by the filters: global settings and services."""
 
     global_: GlobalSettings
+    # Our filters enabled before this one in chain order (registry.FILTERS). Only
+    # they can have written an incoming field with our authserv-id that survived
+    # the first filter's removal of forged fields (core/authresults.py); empty
+    # (first, alone, or unknown) means every such field is forged.
+    upstream: tuple[str, ...] = ()
 
     @cached_property
     def resolver(self) -> Resolver:

@@ -118,6 +118,10 @@ class Transaction:
     headers: list[Header] = field(default_factory=list)
     body: Body = field(default_factory=Body)
     macros: dict[str, str] = field(default_factory=dict)
+    # A filter's own per-message state between its stage hooks (e.g. the SPF
+    # outcome found at MAIL FROM, acted on at RCPT, reported at end of message),
+    # keyed by the filter's name.
+    notes: dict[str, object] = field(default_factory=dict)
 
     @property
     def queue_id(self) -> str:

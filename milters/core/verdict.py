@@ -69,6 +69,7 @@ class AuthResult:
     reason: str = ""
     properties: tuple[tuple[str, str, str], ...] = ()  # (ptype, property, value)
     version: str = ""  # method version, rarely used
+    comment: str = ""  # RFC 8601 result comment, e.g. dmarc's "p=reject dis=none"
 
 
 class EditKind(enum.Enum):

@@ -1,0 +1,114 @@
+"""DMARC policy records (RFC 9989 (policy record)): parsing a TXT value into a typed record.
+
+Tags kept: v, p, sp, np, psd, t, adkim, aspf, rua, ruf, fo. Unknown tags are
+ignored (RFC 9989 (policy record): new tags may appear), and so are `pct`, `rf` and `ri`,
+which RFC 9989 removed (`t=y` does what `pct=0` was used for).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from milters.core.errors import PermError
+
+POLICIES = ("none", "quarantine", "reject")
+_TAG = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)\s*=\s*(.*)$", re.S)
+_FO = frozenset({"0", "1", "d", "s"})
+
+
+@dataclass(frozen=True)
+class DmarcRecord:
+    """One valid DMARC policy record, defaults filled in (RFC 9989 (policy record))."""
+
+    p: str = "none"
+    sp: str = ""  # "" = not published (falls back to p)
+    np: str = ""  # "" = not published (falls back to sp, then p)
+    psd: str = "u"  # y, n or u (unknown)
+    t: bool = False  # testing: apply one step less than the policy asks
+    adkim: str = "r"
+    aspf: str = "r"
+    rua: tuple[str, ...] = ()
+    ruf: tuple[str, ...] = ()
+    fo: str = "0"
+    p_published: bool = True  # False when p was missing or invalid (treated as none)
+
+    @property
+    def subdomain_policy(self) -> str:
+        return self.sp or self.p
+
+    @property
+    def nonexistent_policy(self) -> str:
+        return self.np or self.sp or self.p
+
+
+def is_dmarc(txt: bytes | str) -> bool:
+    """Does a TXT value claim to be a DMARC record (starts with v=DMARC1)?"""
+    text = txt.decode("utf-8", "replace") if isinstance(txt, bytes) else txt
+    head = text.split(";", 1)[0]
+    return re.fullmatch(r"\s*v\s*=\s*DMARC1\s*", head) is not None
+
+
+def _uris(value: str) -> tuple[str, ...]:
+    """rua/ruf: comma-separated URIs (RFC 9989 (policy record)); only mailto: is usable here."""
+    out = []
+    for item in value.split(","):
+        uri = item.strip()
+        # RFC 7489 allowed a size limit suffix (`!10m`); RFC 9989 dropped it: ignore it.
+        uri = uri.split("!", 1)[0]
+        if re.fullmatch(r"(?i)mailto:[^@\s]+@[^@\s]+", uri):
+            out.append("mailto:" + uri[7:])
+    return tuple(out)
+
+
+def parse_record(txt: bytes | str) -> DmarcRecord:
+    """A DmarcRecord from a TXT value that starts with v=DMARC1; PermError if unusable.
+
+    RFC 9989 (policy record) / RFC 7489 §6.6.3: a missing or invalid p= makes the record one
+    with p=none when it has a usable rua= (reports still flow); without one the
+    record is unusable. Invalid values of optional tags fall back to defaults.
+    """
+    text = txt.decode("utf-8", "replace") if isinstance(txt, bytes) else txt
+    if not is_dmarc(text):
+        raise PermError("not a DMARC record (v=DMARC1 must come first)")
+    tags: dict[str, str] = {}
+    for part in text.split(";")[1:]:
+        part = part.strip()
+        if not part:
+            continue
+        m = _TAG.match(part)
+        if m is None:
+            raise PermError(f"DMARC record: malformed tag {part[:40]!r}")
+        name = m.group(1).lower()
+        if name in tags:
+            raise PermError(f"DMARC record: tag {name} twice")
+        tags[name] = m.group(2).strip()
+    rua = _uris(tags.get("rua", ""))
+    p = tags.get("p", "").lower()
+    p_ok = p in POLICIES
+    if not p_ok:
+        if not rua:
+            why = "no p= tag" if "p" not in tags else f"invalid p={tags['p'][:20]!r}"
+            raise PermError(f"DMARC record: {why} and no rua=")
+        p = "none"
+    sp = tags.get("sp", "").lower()
+    np = tags.get("np", "").lower()
+    psd = tags.get("psd", "u").lower()
+    t = tags.get("t", "n").lower()
+    adkim = tags.get("adkim", "r").lower()
+    aspf = tags.get("aspf", "r").lower()
+    fo = ":".join(v for v in (x.strip().lower() for x in tags.get("fo", "0").split(":"))
+                  if v in _FO) or "0"
+    return DmarcRecord(
+        p=p,
+        sp=sp if sp in POLICIES else "",
+        np=np if np in POLICIES else "",
+        psd=psd if psd in ("y", "n", "u") else "u",
+        t=t == "y",
+        adkim=adkim if adkim in ("r", "s") else "r",
+        aspf=aspf if aspf in ("r", "s") else "r",
+        rua=rua,
+        ruf=_uris(tags.get("ruf", "")),
+        fo=fo,
+        p_published=p_ok,
+    )

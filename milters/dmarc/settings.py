@@ -1,0 +1,97 @@
+"""[dmarc] settings: policy discovery, where results come from, what a failure gives,
+the history store and aggregate reports.
+
+The names are ours; README.md maps each opendmarc.conf option onto them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from milters.core.config import FilterSettings, check_range, setting
+
+DiscoveryMethod = Literal["treewalk", "psl"]
+OnQuarantine = Literal["hold", "tag", "accept"]
+OnBadFrom = Literal["permerror", "reject"]
+OnTempError = Literal["accept", "tempfail"]
+
+
+def check_history(value: str) -> str | None:
+    if value and not value.startswith("/"):
+        return 'an absolute SQLite file path, or "" (no history)'
+    return None
+
+
+def check_reply_text(value: str) -> str | None:
+    if not value.strip() or not value.isprintable() or not value.isascii():
+        return "a non-empty line of printable ASCII"
+    return None
+
+
+@dataclass(frozen=True)
+class DmarcSettings(FilterSettings):
+    """[dmarc]: DMARC evaluation (RFC 9989), history and aggregate reports (replaces
+    OpenDMARC)."""
+
+    discovery: DiscoveryMethod = setting(
+        "treewalk",
+        'policy discovery: "treewalk" (RFC 9989 DNS Tree Walk) or "psl" (RFC 7489 '
+        "Public Suffix List, from the publicsuffixlist package)",
+    )
+    trusted_authserv_ids: tuple[str, ...] = setting(
+        (),
+        "Authentication-Results authserv-ids whose dkim/spf results are used; empty: "
+        "our own [global] authserv_id, which only our upstream filters can write",
+    )
+    self_validate: bool = setting(
+        True, "verify DKIM and evaluate SPF here when no trusted result is present"
+    )
+    reject_failures: bool = setting(
+        False, "refuse mail whose DMARC policy says reject (OpenDMARC's RejectFailures)"
+    )
+    on_quarantine: OnQuarantine = setting(
+        "hold",
+        'p=quarantine failures: "hold" (Postfix hold queue), "tag" (X-Milters-DMARC '
+        'header) or "accept"',
+    )
+    reject_reply: str = setting(
+        "rejected by the DMARC policy of %d",
+        "text of the 550 5.7.1 reply; %d is the From domain",
+        check_reply_text,
+    )
+    on_bad_from: OnBadFrom = setting(
+        "permerror",
+        "no From, several From fields or addresses: dmarc=permerror, or reject (550 5.7.1)",
+    )
+    on_temperror: OnTempError = setting(
+        "accept", "a DNS failure during policy discovery: accept (and say so) or tempfail"
+    )
+    never_reject_domains: tuple[str, ...] = setting(
+        (), "From domains never refused nor held (domain, or .domain for its sub-domains)"
+    )
+    always_check_domains: tuple[str, ...] = setting(
+        (),
+        "From domains checked even from internal or authenticated clients "
+        "(domain or .domain)",
+    )
+    skip_ours: bool = setting(
+        True, "skip internal and SASL-authenticated clients (mail we send)"
+    )
+    max_signatures: int = setting(
+        5, "DKIM signatures verified in self-validation", check_range(1, 50)
+    )
+    min_key_bits: int = setting(
+        1024, "smallest RSA key a self-validated DKIM signature may use", check_range(512, 8192)
+    )
+    history: str = setting(
+        "/var/lib/milters/dmarc-history.sqlite",
+        "where every evaluation is recorded: an SQLite file, or \"\" for none",
+        check_history,
+    )
+    report_org_name: str = setting("", "org_name in aggregate reports (default: authserv_id)")
+    report_email: str = setting(
+        "", "the From address of aggregate reports (default: dmarc-noreply@authserv_id)"
+    )
+    report_smtp_host: str = setting("127.0.0.1", "SMTP server reports are sent through")
+    report_smtp_port: int = setting(25, "its port", check_range(1, 65535))
