@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 TAG_HEADER = "X-Milters-DMARC"
 REPLY_BAD_FROM = Reply("550", "5.7.1", "a message needs exactly one From address (RFC 5322)")
-REPLY_TEMPERROR = Reply("451", "4.7.5", "cannot look up the DMARC policy now, try again later")
+REPLY_TEMPERROR = Reply("451", "4.4.3", "cannot look up the DMARC policy now, try again later")
 
 
 def listed(domain: str, entries: Sequence[str]) -> bool:

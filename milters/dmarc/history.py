@@ -1,10 +1,10 @@
 """The DMARC history: one row per evaluation, read back by `milters dmarc report/stats`.
 
 `HistoryStore` is the interface; `SqliteHistory` is the default back end (one
-file, WAL mode so several worker processes can write, a lock per process since
-libmilter calls from many threads). The connection opens lazily, in the process
-and after any fork that uses it. A PostgreSQL back end for several MX hosts
-sharing one history would implement the same three methods.
+file, WAL mode so several worker processes can write) and `PostgresHistory` the
+one for several MX hosts sharing one history. Both write in batches from a
+thread (`BatchedHistory`); libmilter calls from many threads, so everything
+shared takes a lock. Connections open lazily, in the process that uses them.
 """
 
 from __future__ import annotations
@@ -14,12 +14,16 @@ import atexit
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
+
+from milters.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -107,40 +111,43 @@ def _from_row(row: Sequence[object]) -> HistoryEntry:
     return HistoryEntry(**d)  # type: ignore[arg-type]
 
 
-class SqliteHistory(HistoryStore):
-    """The history in one SQLite file; thread-safe, shared by worker processes.
-
-    `record` only queues the row: a writer thread of this process inserts what
-    has queued in one transaction every `flush_interval` seconds, so that a
-    message never waits on the file (one INSERT and commit per message cost 20 %
-    of the filter's rate). `entries` and `close` write what is queued first; a
-    crash loses at most the rows of the last interval. The connection and the
-    thread belong to the process that opened them: a forked worker opens its own.
+class BatchedHistory(HistoryStore):
+    """A store whose `record` only queues the row: a writer thread of this process
+    inserts what has queued in one transaction every `flush_interval` seconds, so
+    that a message never waits on the database (one INSERT and commit per message
+    cost 20 % of the filter's rate). `entries` and `close` write what is queued
+    first; a crash loses at most the rows of the last interval. The connection and
+    the thread belong to the process that opened them: a forked worker opens its
+    own. Subclasses say how to connect, insert and select.
     """
 
-    def __init__(self, path: str, flush_interval: float = 0.5) -> None:
-        self.path = path
+    placeholder = "?"
+    db_errors: tuple[type[Exception], ...] = (sqlite3.Error,)
+
+    def __init__(self, flush_interval: float = 0.5) -> None:
         self.flush_interval = flush_interval
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
-        self._write_lock = threading.Lock()  # one writer of the connection at a time
+        self._write_lock = threading.Lock()  # one user of the connection at a time
         self._pending: list[tuple[object, ...]] = []
-        self._conn: sqlite3.Connection | None = None
+        self._conn: Any = None
         self._pid = 0
         self._writer: threading.Thread | None = None
         self._writer_pid = 0
         self._closing = False
 
-    def _connection(self) -> sqlite3.Connection:
+    @abc.abstractmethod
+    def _connect(self) -> Any:
+        """A new DB-API connection with the table in place."""
+
+    def where(self) -> str:
+        """The store as the log names it."""
+        return type(self).__name__
+
+    def _connection(self) -> Any:
         """This process's connection (call with _write_lock held)."""
         if self._conn is None or self._pid != os.getpid():
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False,
-                                   isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.executescript(_SCHEMA)
-            self._conn = conn
+            self._conn = self._connect()
             self._pid = os.getpid()
         return self._conn
 
@@ -167,11 +174,12 @@ class SqliteHistory(HistoryStore):
                 if not self._pending and self._closing:
                     return
             time.sleep(self.flush_interval)  # let a batch gather
+            errors: tuple[type[Exception], ...] = (*self.db_errors, OSError)
             try:
                 self.flush()
-            except sqlite3.Error as exc:
-                log.warning("DMARC history %s: %d rows not written: %s", self.path,
-                            len(self._pending), exc)
+            except errors as exc:  # log; the thread goes on
+                log.warning("DMARC history %s: rows not written: %s: %s", self.where(),
+                            type(exc).__name__, exc)
 
     def flush(self) -> None:
         """Write every queued row now, in one transaction."""
@@ -180,23 +188,33 @@ class SqliteHistory(HistoryStore):
                 rows, self._pending = self._pending, []
             if not rows:
                 return
-            marks = ", ".join("?" for _ in _COLUMNS)
+            marks = ", ".join(self.placeholder for _ in _COLUMNS)
             conn = self._connection()
-            with conn:  # BEGIN ... COMMIT
-                conn.execute("BEGIN")
-                conn.executemany(
-                    f"INSERT INTO dmarc_history ({', '.join(_COLUMNS)}) VALUES ({marks})", rows)
+            try:
+                cur = conn.cursor()
+                cur.executemany(f"INSERT INTO dmarc_history ({', '.join(_COLUMNS)}) "
+                                f"VALUES ({marks})", rows)
+                conn.commit()
+            except Exception:
+                conn.rollback()
+                raise
 
     def entries(self, since: int, until: int,
                 domains: Sequence[str] = ()) -> list[HistoryEntry]:
         self.flush()
-        sql = f"SELECT {', '.join(_COLUMNS)} FROM dmarc_history WHERE time >= ? AND time < ?"
+        ph = self.placeholder
+        sql = (f"SELECT {', '.join(_COLUMNS)} FROM dmarc_history "
+               f"WHERE time >= {ph} AND time < {ph}")
         args: list[object] = [since, until]
         if domains:
-            sql += f" AND policy_domain IN ({', '.join('?' for _ in domains)})"
+            sql += f" AND policy_domain IN ({', '.join(ph for _ in domains)})"
             args += [d.lower() for d in domains]
         with self._write_lock:
-            rows = self._connection().execute(sql + " ORDER BY id", args).fetchall()
+            conn = self._connection()
+            cur = conn.cursor()
+            cur.execute(sql + " ORDER BY id", args)
+            rows = cur.fetchall()
+            conn.commit()  # end the read transaction (PostgreSQL)
         return [_from_row(r) for r in rows]
 
     def close(self) -> None:
@@ -210,8 +228,68 @@ class SqliteHistory(HistoryStore):
             self._conn = None
 
 
+class SqliteHistory(BatchedHistory):
+    """The history in one SQLite file (WAL mode: several worker processes write to it)."""
+
+    def __init__(self, path: str, flush_interval: float = 0.5) -> None:
+        super().__init__(flush_interval)
+        self.path = path
+
+    def where(self) -> str:
+        return self.path
+
+    def _connect(self) -> sqlite3.Connection:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=10, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.executescript(_SCHEMA)
+        return conn
+
+
+_PG_SCHEMA = _SCHEMA.replace("id INTEGER PRIMARY KEY", "id BIGSERIAL PRIMARY KEY").replace(
+    "time INTEGER", "time BIGINT")
+
+
+class PostgresHistory(BatchedHistory):
+    """The history in a PostgreSQL database, so that several MX hosts share one
+    (`history = "postgresql://user@host/db"`, libpq's URL form)."""
+
+    placeholder = "%s"
+
+    def __init__(self, url: str, flush_interval: float = 0.5) -> None:
+        import psycopg
+
+        super().__init__(flush_interval)
+        self.url = url
+        self.db_errors = (psycopg.Error,)
+
+    def where(self) -> str:
+        return re.sub(r"//[^@/]*@", "//", self.url)  # no password in the log
+
+    def _connect(self) -> Any:
+        import psycopg
+
+        conn = psycopg.connect(self.url, connect_timeout=10)
+        with conn.cursor() as cur:
+            # One creator at a time: two hosts starting together must not race.
+            cur.execute("SELECT pg_advisory_xact_lock(4932)")
+            for statement in _PG_SCHEMA.split(";"):
+                if statement.strip():
+                    cur.execute(statement)
+        conn.commit()
+        return conn
+
+
 def open_history(spec: str) -> HistoryStore | None:
     """The store named by the `history` setting; None for "" (no history)."""
     if not spec:
         return None
+    if spec.startswith(("postgresql://", "postgres://")):
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise ConfigError("[dmarc] history: a PostgreSQL history needs the psycopg "
+                              "package (pip install 'milters[postgresql]')") from None
+        return PostgresHistory(spec)
     return SqliteHistory(spec)

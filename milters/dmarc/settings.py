@@ -18,8 +18,8 @@ OnTempError = Literal["accept", "tempfail"]
 
 
 def check_history(value: str) -> str | None:
-    if value and not value.startswith("/"):
-        return 'an absolute SQLite file path, or "" (no history)'
+    if value and not value.startswith(("/", "postgresql://", "postgres://")):
+        return 'an absolute SQLite file path, a postgresql:// URL, or "" (no history)'
     return None
 
 
@@ -86,7 +86,8 @@ class DmarcSettings(FilterSettings):
     )
     history: str = setting(
         "/var/lib/milters/dmarc-history.sqlite",
-        "where every evaluation is recorded: an SQLite file, or \"\" for none",
+        "where every evaluation is recorded: an SQLite file, a PostgreSQL URL "
+        '(postgresql://user:password@host/db, shared by several MX hosts), or "" for none',
         check_history,
     )
     report_org_name: str = setting("", "org_name in aggregate reports (default: authserv_id)")

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-APT_PACKAGES=(libmilter-dev postfix swaks clamav-daemon clamav-milter opendkim opendkim-tools miltertest opendmarc)
+APT_PACKAGES=(libmilter-dev postfix swaks clamav-daemon clamav-milter opendkim opendkim-tools miltertest opendmarc postgresql)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
