@@ -115,3 +115,11 @@ class Filter(abc.ABC):
     def describe(self) -> list[str]:
         """Lines for `milters check-config`: what was loaded (tables, keys)."""
         return []
+
+    def shutdown(self) -> None:
+        """The worker is about to exit: write out what is queued (a history, a log).
+
+        Called once per worker process after its sessions are drained; a worker
+        ends with os._exit, so atexit handlers do not run.
+        """
+        return None

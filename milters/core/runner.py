@@ -79,7 +79,7 @@ def _worker(runtime: Runtime, listen_fd: int) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, {DRAIN_SIGNAL})
     sessions = SessionCounter()
     threading.Thread(
-        target=_drain_on_request, args=(runtime.filter.name, sessions, listen_fd),
+        target=_drain_on_request, args=(runtime, sessions, listen_fd),
         name="drain", daemon=True,
     ).start()
     status = 0
@@ -88,11 +88,12 @@ def _worker(runtime: Runtime, listen_fd: int) -> None:
     except LibmilterError as exc:
         log.error("filter %s: libmilter stopped: %s", runtime.filter.name, exc)
         status = 1
+    _shutdown(runtime)
     logging.shutdown()
     os._exit(status)
 
 
-def _drain_on_request(name: str, sessions: SessionCounter, listen_fd: int) -> None:
+def _drain_on_request(runtime: Runtime, sessions: SessionCounter, listen_fd: int) -> None:
     """Stop taking connections, let the open sessions finish, then exit.
 
     libmilter's own stop (SIGTERM) also stops serving the sessions in progress
@@ -105,6 +106,7 @@ def _drain_on_request(name: str, sessions: SessionCounter, listen_fd: int) -> No
     # libmilter's signal thread must be the one that gets these, not us.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
     signal.sigwait({DRAIN_SIGNAL})
+    name = runtime.filter.name
     never_readable, _keep_open = os.pipe()
     os.dup2(never_readable, listen_fd)
     open_now = sessions.open
@@ -113,8 +115,16 @@ def _drain_on_request(name: str, sessions: SessionCounter, listen_fd: int) -> No
     if not sessions.wait_idle(DRAIN_SECONDS):
         log.warning("filter %s: %d session(s) still open after %.0f s; exiting",
                     name, sessions.open, DRAIN_SECONDS)
+    _shutdown(runtime)
     logging.shutdown()
     os._exit(0)
+
+
+def _shutdown(runtime: Runtime) -> None:
+    try:
+        runtime.filter.shutdown()
+    except Exception:  # exiting anyway: say what was lost
+        log.exception("filter %s: shutdown failed", runtime.filter.name)
 
 
 def _forker(get_runtime: Callable[[], Runtime], listen_fd: int) -> Callable[[str], int]:

@@ -151,6 +151,10 @@ class DmarcFilter(Filter):
         self.trusted_ids = frozenset(x.lower() for x in settings.trusted_authserv_ids) or {own}
         self.history: HistoryStore | None = open_history(settings.history)
 
+    def shutdown(self) -> None:
+        if self.history is not None:
+            self.history.close()
+
     def describe(self) -> list[str]:
         return [f"policy discovery: {self.dmarc.discovery}",
                 f"history: {self.dmarc.history or 'none'}"]

@@ -106,3 +106,17 @@ def test_upstream_results_used_when_ours_run_first(start: Start) -> None:
     r = send(spec, genuine)
     assert r.verdict in ("accept", "continue")
     assert "dmarc=pass" in ar_values(r)[0]
+
+
+def test_history_rows_survive_a_graceful_stop(start: Start) -> None:
+    """Rows are written in batches; a SIGTERM (drain, then exit) must write the
+    last batch before the worker exits."""
+    import os
+    import signal
+
+    proc, spec, history = start()
+    send(spec, client_ip="192.0.2.10")
+    os.kill(proc.pid, signal.SIGTERM)
+    assert wait_until(lambda: proc.proc.poll() is not None, 60), proc.output()
+    rows = SqliteHistory(str(history)).entries(0, 2**62)
+    assert len(rows) == 1 and rows[0].source_ip == "192.0.2.10"
