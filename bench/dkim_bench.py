@@ -6,10 +6,19 @@ optionally an Ed25519 one beside it) for every corpus domain (a KeyTable with
 drives it with bench/milter_bench.py's client processes: signing (every session
 SASL-authenticated) and verifying (the corpus signed beforehand, sessions from
 outside). With --opendkim, OpenDKIM runs on the same messages and keys (its
-TestDNSData instead of DNS: it cannot query another port than 53).
+TestDNSData instead of DNS: it cannot query another port than 53). With
+--dkimpy-milter, Debian's dkimpy-milter (pure Python: dkimpy and pymilter, one
+threaded process) runs too, RSA key only, one instance per mode (`Mode s` for
+signing, `Mode v` for verifying: it picks the mode per connection from the client
+address or macros known at CONNECT, before SMTP AUTH), each in a private mount
+namespace whose /etc/resolv.conf points at the loopback DNS server, also bound to
+127.0.0.153:53 (dnspython cannot query another port; needs root). Each peer gets
+one probe message per mode first (a DKIM-Signature added? Authentication-Results
+dkim=pass?), and the table is followed by our msgs/s as a multiple of each peer's.
 
     python -m bench.dkim_bench                    # ~30 s
     python -m bench.dkim_bench --ed25519 --workers 2 --opendkim
+    python -m bench.dkim_bench --workers 2 --opendkim --dkimpy-milter --nodelay
 
 Writes bench/results/dkim-TIMESTAMP.json and prints a table.
 """
@@ -17,29 +26,37 @@ Writes bench/results/dkim-TIMESTAMP.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # `python bench/dkim_bench.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dnslib.server import DNSLogger, DNSServer
+
 from bench import common
 from bench.corpus import corpus
-from bench.milter_bench import Load, Prepared, prepare, run_load
+from bench.milter_bench import Load, Prepared, envelope, prepare, run_load
+from milters.client import probe
 from milters.core.config import GlobalSettings
 from milters.core.filter import Env
 from milters.dkim import DkimFilter, DkimSettings
 from milters.dkim.keys import load_private_key
 from milters.dkim.keytools import genkey
 from tests.support.dkim import outgoing, transaction
-from tests.support.dns import dns_server
+from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port
 
 DOMAINS = ("example.org", "example.net", "corp.example.com", "mail.example.co.jp",
            "lists.example.edu", "sender.example")
+DNS53 = "127.0.0.153"  # the loopback DNS server again, on port 53, for dkimpy-milter
+MODES = ("sign", "verify")
 
 
 def _tables(d: Path, ed25519: bool) -> None:
@@ -89,6 +106,105 @@ def _start_opendkim(factory: ProcessFactory, d: Path, records: dict[str, str]
     return f"inet:{port}@127.0.0.1", proc
 
 
+@contextmanager
+def _dns_on_53(dns: LoopbackDNS) -> Iterator[None]:
+    """Serve the loopback DNS server's records on DNS53:53 too (UDP and TCP)."""
+    quiet = DNSLogger(logf=lambda _: None)
+    servers = [DNSServer(dns.resolver, port=53, address=DNS53, tcp=tcp, logger=quiet)
+               for tcp in (False, True)]
+    for s in servers:
+        s.start_thread()
+    try:
+        yield
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def _start_dkimpy(factory: ProcessFactory, d: Path, mode: str) -> tuple[str, ManagedProcess]:
+    """dkimpy-milter in `Mode s` or `Mode v`, resolving through DNS53 (private resolv.conf)."""
+    port = free_port()
+    (d / "resolv.conf").write_text(f"nameserver {DNS53}\noptions timeout:2 attempts:1\n")
+    (d / "dp-KeyTable").write_text(f"rsakey %:bench:{d}/bench.private\n")
+    (d / "dp-SigningTable").write_text("% rsakey\n")  # `*` matches nothing in 1.2.3
+    conf = d / f"dkimpy-milter-{mode}.conf"
+    conf.write_text(
+        f"Syslog no\nMode {mode}\nSocket inet:{port}@127.0.0.1\n"
+        f"Canonicalization relaxed/relaxed\nKeyTable {d}/dp-KeyTable\n"
+        f"SigningTable {d}/dp-SigningTable\nInternalHosts 127.0.0.1\n"
+        "AuthservID mx.bench.example\n")
+    proc = factory.start(["unshare", "-m", "sh", "-c",
+                          f"mount --bind {d}/resolv.conf /etc/resolv.conf && "
+                          f"exec dkimpy-milter {conf}"], port)
+    return f"inet:{port}@127.0.0.1", proc
+
+
+def _probe(spec: str, mode: str, raw: bytes, auth: str) -> dict[str, Any]:
+    """One message through the milter: did it sign (sign) or say dkim=pass (verify)?"""
+    try:
+        res = probe(spec, raw, envelope(auth), timeout=30.0)
+    except Exception as exc:  # a peer that breaks is a finding, not a crash
+        return {"ok": False, "error": repr(exc)}
+    added = [(e.name, e.value) for e in res.header_edits]
+    signed = any(n.lower() == "dkim-signature" for n, _ in added)
+    ar = [v for n, v in added if n.lower() == "authentication-results"]
+    passed = any("dkim=pass" in v for v in ar)
+    ok = signed if mode == "sign" else passed
+    return {"ok": ok, "verdict": res.verdict, "dkim_signature": signed,
+            "authentication_results": ar}
+
+
+def _dkimpy_usable() -> bool:
+    if shutil.which("dkimpy-milter") is None or shutil.which("unshare") is None \
+            or os.geteuid() != 0:
+        print("dkimpy-milter, unshare or root missing: dkimpy-milter skipped", file=sys.stderr)
+        return False
+    return True
+
+
+def _ratios(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Our msgs/s over each peer's, per mode and connection count."""
+    ours = {(c["mode"], c["connections"]): c["msgs_per_s"]
+            for c in cases if c["peer"] == "milters"}
+    out = []
+    for c in cases:
+        mine = ours.get((c["mode"], c["connections"]))
+        if c["peer"] == "milters" or mine is None:
+            continue
+        theirs = c["msgs_per_s"]
+        ratio = round(mine / theirs, 2) if theirs else None
+        c["milters_ratio"] = ratio
+        out.append({"mode": c["mode"], "connections": c["connections"], "peer": c["peer"],
+                    "milters_msgs_per_s": mine, "peer_msgs_per_s": theirs,
+                    "milters_over_peer": ratio})
+    return out
+
+
+def _run_peers(peers: list[tuple[str, dict[str, tuple[str, ManagedProcess]]]],
+               args: argparse.Namespace, raw: list[bytes], signed: list[bytes],
+               plain_msgs: list[Prepared], signed_msgs: list[Prepared],
+               rows: list[list[Any]], out: dict[str, Any]) -> None:
+    out["probes"] = {}
+    for label, by_mode in peers:
+        for mode, msgs, originals, auth in (("sign", plain_msgs, raw, "alice"),
+                                            ("verify", signed_msgs, signed, "")):
+            spec, proc = by_mode[mode]
+            found = _probe(spec, mode, originals[0], auth)
+            out["probes"].setdefault(label, {})[mode] = found
+            verdict = ("signed" if mode == "sign" else "dkim=pass") if found["ok"] else "FAILED"
+            pids = common.process_tree(proc.pid)
+            for conns in (1, 4):
+                load = Load(spec, args.corpus, conns, 1, args.nodelay, None, args.count,
+                            judge=False, auth_user=auth)
+                res = run_load(load, msgs, pids)
+                res.update({"peer": label, "mode": mode, "probe_ok": found["ok"]})
+                out["cases"].append(res)
+                rows.append([label, mode, conns, res["msgs_per_s"],
+                             res["data_ms"].get("p50"), res["data_ms"].get("p99"),
+                             res["filter_cpu_pct"], res["error_count"], verdict,
+                             res["outcomes"]])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="[dkim] workers")
     ap.add_argument("--ed25519", action="store_true", help="sign with Ed25519 too")
     ap.add_argument("--opendkim", action="store_true", help="run OpenDKIM side by side")
+    ap.add_argument("--dkimpy-milter", action="store_true",
+                    help="run Debian's dkimpy-milter side by side (RSA only; root)")
     ap.add_argument("--nodelay", action="store_true",
                     help="client socket with TCP_NODELAY (avoids the client-side stall "
                          "that C milters pay, for a like-for-like comparison with them)")
@@ -124,29 +242,37 @@ def main(argv: list[str] | None = None) -> int:
         with dns_server() as dns:
             for name, value in records.items():
                 dns.txt(name, value)
-            peers = [("milters", *_start_ours(factory, d, dns.toml(), args.workers))]
+            ours = _start_ours(factory, d, dns.toml(), args.workers)
+            peers: list[tuple[str, dict[str, tuple[str, ManagedProcess]]]] = [
+                ("milters", {"sign": ours, "verify": ours})]
             if args.opendkim and shutil.which("opendkim"):
-                peers.append(("opendkim", *_start_opendkim(factory, d, records)))
-            for label, spec, proc in peers:
-                pids = common.process_tree(proc.pid)
-                for mode, msgs, auth in (("sign", plain_msgs, "alice"),
-                                         ("verify", signed_msgs, "")):
-                    for conns in (1, 4):
-                        load = Load(spec, args.corpus, conns, 1, args.nodelay, None, args.count,
-                                    judge=False, auth_user=auth)
-                        res = run_load(load, msgs, pids)
-                        res.update({"peer": label, "mode": mode})
-                        out["cases"].append(res)
-                        rows.append([label, mode, conns, res["msgs_per_s"],
-                                     res["data_ms"].get("p50"), res["data_ms"].get("p99"),
-                                     res["filter_cpu_pct"], res["error_count"],
-                                     res["outcomes"]])
+                od = _start_opendkim(factory, d, records)
+                peers.append(("opendkim", {"sign": od, "verify": od}))
+            use_dkimpy = args.dkimpy_milter and _dkimpy_usable()
+            dns53: AbstractContextManager[None] = _dns_on_53(dns) if use_dkimpy \
+                else nullcontext()
+            with dns53:
+                if use_dkimpy:
+                    peers.append(("dkimpy-milter", {m: _start_dkimpy(factory, d, m[0])
+                                                    for m in MODES}))
+                _run_peers(peers, args, raw, signed, plain_msgs, signed_msgs, rows, out)
     finally:
         factory.close()
         shutil.rmtree(d, ignore_errors=True)
+    out["ratios"] = _ratios(out["cases"])
+    for row, case in zip(rows, out["cases"], strict=True):
+        ratio = case.get("milters_ratio")
+        row.append(f"{ratio:.1f}x" if ratio else "")
     print(common.format_table(
-        ["peer", "mode", "conns", "msgs/s", "p50 ms", "p99 ms", "cpu %", "errors", "outcomes"],
-        rows))
+        ["peer", "mode", "conns", "msgs/s", "p50 ms", "p99 ms", "cpu %", "errors", "probe",
+         "outcomes", "milters/peer"], rows))
+    by_case: dict[tuple[str, int], list[str]] = {}
+    for r in out["ratios"]:
+        ratio = r["milters_over_peer"]
+        by_case.setdefault((r["mode"], r["connections"]), []).append(
+            f"milters/{r['peer']} {ratio:.1f}x" if ratio else f"milters/{r['peer']} -")
+    for (mode, conns), parts in by_case.items():
+        print(f"{mode} {conns} conn: " + ", ".join(parts))
     path = common.write_results("dkim", out)
     print(f"wrote {path}")
     return 0
