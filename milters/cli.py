@@ -50,9 +50,14 @@ commands:
                     make a DKIM key pair and its TXT record; check a published key
   dmarc report|stats
                     send DMARC aggregate reports; print pass/fail statistics
+  postfix-config    print the main.cf lines (smtpd_milters ...) for the enabled
+                    filters; --master-cf: the submission service override
+  install           lay down the system user, /etc/milters, /var/lib/milters
+                    and the systemd units after a pip install
+  is-enabled NAME   exit 0 if the filter is enabled in the config, 1 if not
 
-Postfix main.cf wiring (see README.md):
-  smtpd_milters = inet:127.0.0.1:8895
+Postfix main.cf wiring (see README.md; `milters postfix-config` prints it all):
+  smtpd_milters = inet:127.0.0.1:8891, ..., inet:127.0.0.1:8895
   non_smtpd_milters = $smtpd_milters
   milter_default_action = tempfail
   milter_protocol = 6
@@ -169,7 +174,78 @@ def build_parser() -> argparse.ArgumentParser:
     _add_envelope(p)
     _add_dkim(sub)
     _add_dmarc(sub)
+    _add_server(sub, names)
     return parser
+
+
+def _add_server(sub: argparse._SubParsersAction[argparse.ArgumentParser], names: str) -> None:
+    p = sub.add_parser(
+        "postfix-config", help="print the Postfix main.cf lines for the enabled filters",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Print the lines to add to /etc/postfix/main.cf for the filters enabled
+            in the config, each commented: smtpd_milters with each filter's socket
+            in Postfix's spelling, in chain order (dkim, spf, dmarc, clamav,
+            checks: DMARC must see the DKIM and SPF results), non_smtpd_milters,
+            milter_default_action = tempfail, milter_protocol = 6 and the
+            timeouts. The macros the filters read are among Postfix's defaults.
+            With --master-cf, print instead the master.cf override for the
+            submission service (milter_macro_daemon_name=ORIGINATING) that marks
+            submitted mail as ours. packaging/postfix/ holds both texts for the
+            default config.
+
+              milters postfix-config >> /etc/postfix/main.cf && postfix reload"""),
+    )
+    p.add_argument("--master-cf", action="store_true",
+                   help="print the master.cf override for the submission service")
+    _add_config(p)
+
+    p = sub.add_parser(
+        "install", help="lay down the user, directories, config and systemd units",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            After `pip install`, lay down what a server needs, then print the next
+            steps. Run it as root; running it again changes nothing that is in
+            place.
+
+              - the system user and group (useradd --system, home /var/lib/milters,
+                shell /usr/sbin/nologin) if missing
+              - /etc/milters/milters.toml: the commented sample (mode 0640, group
+                USER); an existing config is never overwritten
+              - /etc/milters/dkim (0750, for DKIM keys) and /var/lib/milters (0750,
+                the DMARC history), owned by USER
+              - /etc/systemd/system/milters@.service and milters.target, with
+                ExecStart naming this installation's `milters` (rewritten when
+                they differ: put local changes in drop-ins)
+
+            It does not run systemctl or touch Postfix: the next steps say how.
+            --prefix DIR writes under DIR only (no useradd, no chown: each is
+            listed as skipped), for staging and tests."""),
+    )
+    p.add_argument("--prefix", default="/", metavar="DIR",
+                   help="install under DIR instead of / (default: %(default)s)")
+    p.add_argument("--user", default="milters", metavar="USER",
+                   help="the unprivileged user the filters run as (default: %(default)s)")
+    p.add_argument("--no-systemd", dest="systemd", action="store_false",
+                   help="do not write the systemd units (run `milters serve` yourself)")
+    p.add_argument("--executable", metavar="PATH",
+                   help="the milters command the units run (default: the one next to "
+                        "this Python, else the one on PATH)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be done and change nothing")
+
+    p = sub.add_parser(
+        "is-enabled", help="exit 0 if a filter is enabled in the config, 1 if not",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(f"""\
+            Say whether the filter NAME ({names}) is enabled in the config, and
+            exit 0 if it is, 1 if it is not. milters@.service runs this as its
+            ExecCondition, so milters.target starts only the enabled filters.
+            A config with errors gives 255, so that systemd marks the unit failed
+            (with the errors in its journal) rather than skipped."""),
+    )
+    p.add_argument("name", metavar="NAME", help=f"the filter: {names}")
+    _add_config(p)
 
 
 def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -528,6 +604,51 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return sup.loop(on_reload, grace=60.0)
 
 
+def cmd_postfix_config(args: argparse.Namespace) -> int:
+    from milters import install
+
+    if args.master_cf:
+        sys.stdout.write(install.postfix_master_cf())
+        return 0
+    sys.stdout.write(install.postfix_main_cf(registry.load(args.config)))
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from milters import install
+
+    installer = install.Installer(
+        prefix=Path(args.prefix),
+        executable=args.executable or install.find_executable(),
+        sample_config=registry.sample_config(),
+        filter_names=tuple(registry.FILTERS),
+        user=args.user,
+        systemd=args.systemd,
+        dry_run=args.dry_run,
+    )
+    if installer.real_system and not args.dry_run and os.geteuid() != 0:
+        raise MiltersError("install needs root (or --prefix DIR, or --dry-run)")
+    for line in installer.run():
+        print(line)
+    print()
+    sys.stdout.write(install.next_steps(installer))
+    return 0
+
+
+def cmd_is_enabled(args: argparse.Namespace) -> int:
+    registry.filter_class(args.name)
+    try:
+        cfg = registry.load(args.config)
+    except ConfigError as exc:
+        print(f"milters: configuration error:\n{_indent(str(exc))}", file=sys.stderr)
+        return 255
+    enabled = cfg.filters[args.name].enabled
+    print(f"{args.name}: {'enabled' if enabled else 'disabled'} in {cfg.source}")
+    return 0 if enabled else 1
+
+
 def _unblock_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
@@ -540,4 +661,7 @@ COMMANDS = types.MappingProxyType({
     "probe": cmd_probe,
     "dkim": cmd_dkim,
     "dmarc": cmd_dmarc,
+    "postfix-config": cmd_postfix_config,
+    "install": cmd_install,
+    "is-enabled": cmd_is_enabled,
 })
