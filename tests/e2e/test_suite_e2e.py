@@ -1,0 +1,299 @@
+"""The whole suite behind real Postfix: all five filters (`milters run NAME` each,
+one shared config) in chain order for smtpd_milters and non_smtpd_milters, a real
+clamd, loopback DNS. Each scenario of issue 6 is one test; the filters are started
+once for the module (tests/e2e/suite.py has the set-up)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import dkim
+import pytest
+
+from milters import client
+from milters.core.dkim_verify import verify_all
+from tests.e2e.postfix import PostfixInstance
+from tests.e2e.suite import (
+    ALIGNED,
+    ALIGNED_HELO,
+    ALIGNED_IP,
+    AUTHSERV_ID,
+    FORGED,
+    OURS,
+    OUTSIDE_IP,
+    QUARANTINING,
+    RCPT,
+    REJECTING,
+    Keys,
+    Suite,
+    ar_text,
+    dkim_sign,
+    make_keys,
+    message,
+    publish,
+    start_suite,
+)
+from tests.support.clamd import Clamd, eicar_zip
+from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.processes import ProcessFactory, free_port
+
+pytest_plugins = ("tests.support.clamd_plugin",)
+
+ALIGNED_CLIENT = {"ADDR": ALIGNED_IP, "NAME": ALIGNED_HELO, "HELO": ALIGNED_HELO}
+OUTSIDE = {"ADDR": OUTSIDE_IP, "NAME": "mx.outside.example", "HELO": "mx.outside.example"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("suite")
+
+
+@pytest.fixture(scope="module")
+def keys(workdir: Path) -> Keys:
+    return make_keys(workdir)
+
+
+@pytest.fixture(scope="module")
+def dns(keys: Keys) -> Iterator[LoopbackDNS]:
+    with dns_server() as server:
+        publish(server, keys)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def factory() -> Iterator[ProcessFactory]:
+    f = ProcessFactory()
+    try:
+        yield f
+    finally:
+        f.close()
+
+
+@pytest.fixture(scope="module")
+def enforcing(factory: ProcessFactory, workdir: Path, dns: LoopbackDNS, clamd: Clamd,
+              keys: Keys) -> Suite:
+    return start_suite(factory, workdir, keys, dns, clamd.tcp)
+
+
+@pytest.fixture
+def suite(postfix: PostfixInstance, enforcing: Suite) -> Suite:
+    enforcing.attach(postfix)
+    return enforcing
+
+
+def all_results(raw_ar: list[str]) -> dict[str, list[str]]:
+    """method -> results, from every Authentication-Results field."""
+    found: dict[str, list[str]] = {}
+    for method, result in re.findall(r"\b(dkim|spf|dmarc)=(\w+)", ar_text(raw_ar)):
+        found.setdefault(method, []).append(result)
+    return found
+
+
+# --- signing ------------------------------------------------------------------------
+
+
+def our_verifier(raw: bytes, dns: LoopbackDNS) -> list[tuple[str, str]]:
+    """(result, algorithm) of each signature, from milters.core.dkim_verify."""
+    records = dict(dns.resolver.records)
+
+    def lookup(name: str) -> list[bytes]:
+        rrs = records.get((name.rstrip(".").lower(), "TXT"), [])
+        return [b"".join(bytes(s) for s in rr.data) for rr in rrs]
+
+    wire = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    parsed = dkim.DKIM(wire)
+    results, _ = verify_all(parsed.headers, parsed.body, lookup, 10, 1024)
+    return [(r.result, r.algorithm) for r in results]
+
+
+def opendkim_verifies(raw: bytes, keys: Keys, workdir: Path,
+                      factory: ProcessFactory) -> list[tuple[str, str]]:
+    """(result, header.a) of each dkim= result OpenDKIM writes for `raw`."""
+    port = free_port()
+    data = workdir / "opendkim-dnsdata"
+    data.write_text("".join(f"{n} {v}\n" for n, v in keys.records.items()))
+    conf = workdir / "opendkim.conf"
+    conf.write_text(f"Syslog no\nBackground no\nSocket inet:{port}@127.0.0.1\nMode v\n"
+                    f"TestDNSData file:{data}\nAuthservID mx.opendkim.test\n"
+                    "MinimumKeyBits 1024\n")
+    proc = factory.start(["opendkim", "-f", "-x", str(conf)], port)
+    try:
+        wire = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        env = client.Envelope(client_ip=OUTSIDE_IP, client_name="mx.outside.example",
+                              mail_from=f"alice@{OURS}", rcpt_to=["bob@example.net"])
+        r = client.probe(f"inet:{port}@127.0.0.1", wire, env, timeout=15)
+    finally:
+        proc.kill()
+    text = ar_text([e.value for e in r.header_edits if e.name == "Authentication-Results"])
+    return [(m.group(1), a.group(1) if (a := re.search(r"header\.a=([\w-]+)", m.group(2)))
+             else "") for m in re.finditer(r"dkim=(\w+)([^;]*)", text)]
+
+
+@pytest.mark.parametrize("how", ["login", "submission"])
+def test_authenticated_submission_is_signed_rsa_and_ed25519(
+        postfix: PostfixInstance, suite: Suite, dns: LoopbackDNS, keys: Keys, workdir: Path,
+        factory: ProcessFactory, how: str) -> None:
+    raw = message(OURS, f"signed by {how}")
+    if how == "login":
+        result = postfix.send(f"alice@{OURS}", [RCPT], raw,
+                              xclient={"ADDR": "203.0.113.9", "NAME": "laptop.example.net",
+                                       "LOGIN": "alice"})
+    else:
+        result = postfix.send(f"alice@{OURS}", [RCPT], raw, port=postfix.submission_port,
+                              xclient={"ADDR": "203.0.113.10", "NAME": "office.example.net"})
+    assert result.accepted, result
+    [msg] = postfix.wait_delivered(1)
+    assert len(msg.get_all("DKIM-Signature")) == 2
+    # Ours: no DMARC nor SPF verdict is taken on our own mail, and nothing refused it.
+    assert sorted(our_verifier(msg.raw, dns)) == [("pass", "ed25519-sha256"),
+                                                  ("pass", "rsa-sha256")]
+    if how == "login" and shutil.which("opendkim"):
+        assert sorted(opendkim_verifies(msg.raw, keys, workdir, factory)) == [
+            ("pass", "ed25519-sha256"), ("pass", "rsa-sha256")]
+
+
+# --- DMARC ----------------------------------------------------------------------------
+
+
+def test_p_reject_without_aligned_pass_is_refused_550(postfix: PostfixInstance,
+                                                      suite: Suite) -> None:
+    result = postfix.send(f"bounce@{REJECTING}", [RCPT], message(REJECTING, "no pass"),
+                          xclient=OUTSIDE)
+    assert result.data is not None, result
+    assert result.data.code == 550, result
+    assert result.data.text == f"5.7.1 rejected by the DMARC policy of {REJECTING}"
+    assert postfix.queue_ids() == []
+
+
+def test_p_quarantine_without_aligned_pass_is_held(postfix: PostfixInstance,
+                                                   suite: Suite) -> None:
+    result = postfix.send(f"bounce@{QUARANTINING}", [RCPT], message(QUARANTINING, "held"),
+                          xclient=OUTSIDE)
+    assert result.accepted, result
+    assert postfix.wait_held(1) == [result.queue_id]
+    assert postfix.delivered() == []
+
+
+def test_aligned_mail_passes_with_one_coherent_set_of_results(
+        postfix: PostfixInstance, suite: Suite, workdir: Path) -> None:
+    raw = dkim_sign(message(ALIGNED, "aligned"), ALIGNED, "sel",
+                    workdir / ALIGNED / "sel.private")
+    result = postfix.send(f"alice@{ALIGNED}", [RCPT], raw, xclient=ALIGNED_CLIENT)
+    assert result.accepted, result
+    [msg] = postfix.wait_delivered(1)
+    fields = msg.get_all("Authentication-Results")
+    # Every field is ours (one authserv-id), each method reported once.
+    assert {f.split(";", 1)[0].strip() for f in fields} == {AUTHSERV_ID}, fields
+    assert all_results(fields) == {"dkim": ["pass"], "spf": ["pass"], "dmarc": ["pass"]}
+    text = ar_text(fields)
+    assert f"header.d={ALIGNED}" in text
+    assert f"smtp.mailfrom=alice@{ALIGNED}" in text
+    assert f"dmarc=pass (p=reject dis=none) header.from={ALIGNED}" in text
+    # Every filter saw and passed it: clamav tagged it.
+    assert msg.get_all("X-Virus-Status") == ["Clean"]
+    # Our fields sit above the Received field Postfix added (RFC 8601 §5).
+    names = msg.header_names
+    assert max(i for i, n in enumerate(names) if n == "Authentication-Results") < \
+        names.index("Received")
+
+
+def test_forged_dmarc_pass_from_outside_is_removed_and_ignored(
+        postfix: PostfixInstance, suite: Suite) -> None:
+    forged = (f"Authentication-Results: {AUTHSERV_ID}; dkim=pass header.d={REJECTING}; "
+              f"spf=pass smtp.mailfrom={REJECTING}; dmarc=pass header.from={REJECTING}\r\n")
+    refused = postfix.send(f"bounce@{REJECTING}", [RCPT],
+                           message(REJECTING, "forged", forged), xclient=OUTSIDE)
+    assert refused.data is not None and refused.data.code == 550, refused
+    # Where no policy decides, the forged field is still gone from the delivered copy.
+    nopolicy = "nopolicy.example"
+    forged2 = forged.replace(REJECTING, nopolicy)
+    result = postfix.send(f"bounce@{nopolicy}", [RCPT], message(nopolicy, "forged2", forged2),
+                          xclient=OUTSIDE)
+    assert result.accepted, result
+    [msg] = postfix.wait_delivered(1)
+    fields = msg.get_all("Authentication-Results")
+    assert all_results(fields) == {"dkim": ["none"], "spf": ["none"], "dmarc": ["none"]}, fields
+    assert "pass" not in ar_text(fields)
+
+
+# --- the other refusals -----------------------------------------------------------
+
+
+def test_spf_fail_is_refused_at_rcpt(postfix: PostfixInstance, suite: Suite) -> None:
+    result = postfix.send(f"alice@{FORGED}", [RCPT], message(FORGED, "spf fail"),
+                          xclient=OUTSIDE)
+    assert result.mail is not None and result.mail.code == 250, result
+    reply = result.rcpts[RCPT]
+    assert reply.code == 550 and reply.text.startswith("5.7.23 SPF fail"), result
+    assert result.data is None
+
+
+def test_eicar_is_refused(postfix: PostfixInstance, suite: Suite) -> None:
+    result = postfix.send("sender@sender.example", [RCPT], eicar_zip(), xclient=OUTSIDE)
+    assert result.data is not None and result.data.code == 550, result
+    assert re.fullmatch(r"5\.7\.1 message rejected: virus Eicar-Test-\S+ found",
+                        result.data.text), result.data
+    assert postfix.queue_ids() == []
+
+
+def test_header_checks_reject(postfix: PostfixInstance, suite: Suite) -> None:
+    result = postfix.send("sender@sender.example", [RCPT],
+                          message("sender.example", "you win a prize"), xclient=OUTSIDE)
+    assert result.data is not None, result
+    assert (result.data.code, result.data.text) == (550, "5.7.1 no prizes here")
+
+
+def test_local_sendmail_goes_through_the_chain(postfix: PostfixInstance, suite: Suite,
+                                               dns: LoopbackDNS) -> None:
+    """non_smtpd_milters: local mail from our domain is signed and scanned."""
+    postfix.sendmail(f"alice@{OURS}", [RCPT], message(OURS, "local").replace(b"\r\n", b"\n"))
+    [msg] = postfix.wait_delivered(1)
+    assert sorted(r for r, _ in our_verifier(msg.raw, dns)) == ["pass", "pass"]
+    assert msg.get_all("X-Virus-Status") == ["Clean"]
+
+
+# --- report mode ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def reporting(postfix: PostfixInstance, workdir: Path, dns: LoopbackDNS, clamd: Clamd,
+              keys: Keys) -> Iterator[Suite]:
+    """A second set-up of the five filters with `[global] mode = "report"`."""
+    factory = ProcessFactory()
+    try:
+        suite = start_suite(factory, workdir / "report", keys, dns, clamd.tcp, mode="report")
+        suite.attach(postfix)
+        yield suite
+    finally:
+        factory.close()
+
+
+def test_report_mode_passes_everything_and_only_tags(postfix: PostfixInstance,
+                                                     reporting: Suite) -> None:
+    cases = {
+        "dmarc": (f"bounce@{REJECTING}", message(REJECTING, "report dmarc")),
+        "spf": (f"alice@{FORGED}", message(FORGED, "report spf")),
+        "clamav": ("sender@sender.example", eicar_zip()),
+        "checks": ("sender@sender.example", message("sender.example", "win a prize now")),
+    }
+    for name, (sender, raw) in cases.items():
+        result = postfix.send(sender, [RCPT], raw, xclient=OUTSIDE)
+        assert result.accepted, (name, result)
+    held = postfix.send(f"bounce@{QUARANTINING}", [RCPT],
+                        message(QUARANTINING, "report quarantine"), xclient=OUTSIDE)
+    assert held.accepted, held
+    delivered = postfix.wait_delivered(len(cases) + 1)
+    assert postfix.hold_queue() == []
+    reports = {m.get("Subject"): " ".join(m.get_all("X-Milters-Report")) for m in delivered}
+    # Each filter says what it would have done; nothing else changed.
+    assert reports["report dmarc"].startswith(
+        f"dmarc would reject 550 5.7.1 rejected by the DMARC policy of {REJECTING}"), reports
+    assert "would reject 550 5.7.23 SPF fail" in reports["report spf"], reports
+    assert reports["files.zip"].startswith(
+        "clamav would reject 550 5.7.1 message rejected: virus Eicar-Test-"), reports
+    assert reports["win a prize now"].startswith(
+        "checks would reject 550 5.7.1 no prizes here"), reports
+    assert "quarantine" in reports["report quarantine"], reports
