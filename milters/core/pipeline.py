@@ -127,7 +127,9 @@ class Pipeline:
         verdict = merge(self.conn_pending + self.tx_pending, verdict)
         verdict = finalize(verdict, self.runtime.policy, tx.rcpt_to)
         if self.tx_notes and verdict.action is Action.ACCEPT:
-            text = " ".join(f"{self.name}: {n}" for n in self.tx_notes)
+            # Same wording as the end-of-message report: "spf would reject 550 ...".
+            text = " ".join(f"{self.name} {n.removeprefix('report mode: ')}"
+                            for n in self.tx_notes)
             edit = HeaderEdit(EditKind.ADD, REPORT_HEADER, " ".join(text.split())[:900])
             verdict = replace(verdict, header_edits=(*verdict.header_edits, edit))
         self.tx_pending = []

@@ -77,11 +77,14 @@ def is_bypassed(rcpt: str, patterns: Sequence[str]) -> bool:
 
 def describe(verdict: Verdict) -> str:
     """A short text for logs and the report header: `reject 550 5.7.1 ...`."""
-    words = [verdict.action.name.lower()]
-    if verdict.reply is not None and verdict.action is not Action.ACCEPT:
-        words.append(str(verdict.reply))
-    if verdict.quarantine:
-        words.append(f"quarantine ({verdict.quarantine})")
+    if verdict.action is Action.ACCEPT and verdict.quarantine:
+        words = [f"quarantine ({verdict.quarantine})"]
+    else:
+        words = [verdict.action.name.lower()]
+        if verdict.reply is not None and verdict.action is not Action.ACCEPT:
+            words.append(str(verdict.reply))
+        if verdict.quarantine:
+            words.append(f"quarantine ({verdict.quarantine})")
     if verdict.reason:
         words.append(f"[{verdict.reason}]")
     return " ".join(words)
