@@ -2,20 +2,20 @@
 
 genkey writes what opendkim-genkey writes: SELECTOR.private (PEM, mode 0600,
 readable by OpenDKIM too) and SELECTOR.txt (the TXT record in zone-file form).
-RSA keys come from `openssl genrsa` (OpenSSL does the prime search, which is
-slow in pure Python); Ed25519 keys from PyNaCl.
+RSA keys come from OpenSSL through `cryptography`; Ed25519 keys from PyNaCl.
 """
 
 from __future__ import annotations
 
 import base64
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import dkim.util
 import nacl.signing
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
 
 from milters.core.errors import ConfigError, MiltersError, TempError
 from milters.core.resolver import Resolver
@@ -58,15 +58,10 @@ def new_private_key_pem(algorithm: str, bits: int) -> bytes:
         return _pem("PRIVATE KEY", ED25519_PKCS8_PREFIX + seed)
     if not MIN_RSA_BITS <= bits <= MAX_RSA_BITS:
         raise MiltersError(f"RSA keys have {MIN_RSA_BITS} to {MAX_RSA_BITS} bits, not {bits}")
-    try:
-        out = subprocess.run(["openssl", "genrsa", "-traditional", str(bits)],
-                             capture_output=True, check=True, timeout=120)
-    except FileNotFoundError:
-        raise MiltersError("genkey needs the openssl command for RSA keys") from None
-    except subprocess.CalledProcessError as exc:
-        raise MiltersError(f"openssl genrsa failed: {exc.stderr.decode(errors='replace')}") \
-            from None
-    return out.stdout
+    key = crypto_rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())
 
 
 @dataclass(frozen=True)

@@ -134,11 +134,7 @@ def sign_message(headers: Sequence[DkimHeader], body: bytes, domain: str, select
         signature = nacl.signing.SigningKey(key.ed25519_seed).sign(h.digest()).signature
     else:
         assert key.rsa is not None
-        if key.rsa_native is not None:
-            signature = key.rsa_native.sign(h.digest(), padding.PKCS1v15(),
-                                            Prehashed(hashes.SHA256()))
-        else:
-            signature = bytes(dkim.crypto.RSASSA_PKCS1_v1_5_sign(h, key.rsa))
+        signature = key.rsa.sign(h.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
     b64 = base64.b64encode(signature).decode("ascii")
     # b= folded on lines of its own; FWS inside b= is ignored when verifying (§3.5).
     chunks = [b64[i:i + _LINE - 4] for i in range(0, len(b64), _LINE - 4)]

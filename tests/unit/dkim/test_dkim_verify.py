@@ -102,9 +102,13 @@ def test_short_rsa_key_is_permerror(dkim_filter: FilterFactory, dns: LoopbackDNS
     pem = _openssl_rsa(768, tmp_path)
     import base64
 
-    from milters.dkim.keys import rsa_public_key_der
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
+
     pk = dkim.crypto.parse_pem_private_key(pem)
-    p = base64.b64encode(rsa_public_key_der(pk["modulus"], pk["publicExponent"])).decode()
+    spki = crypto_rsa.RSAPublicNumbers(pk["publicExponent"], pk["modulus"]).public_key() \
+        .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    p = base64.b64encode(spki).decode()
     dns.txt(f"short._domainkey.{DOMAIN}", f"v=DKIM1; k=rsa; p={p}")
     [r] = results(dkim_filter, _dkimpy_sign(MESSAGE, pem, b"short"))
     assert r.result == "permerror" and "768 bits" in r.reason
