@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -113,8 +113,8 @@ class Table:
     spec: str
     rules: tuple[Rule | IfBlock, ...]
 
-    def lookup(self, subject: str, possible: Possible = None) -> Hit | None:
-        return _lookup(self.rules, subject, possible)
+    def lookup(self, subject: str) -> Hit | None:
+        return _lookup(self.rules, subject)
 
     def all_patterns(self) -> Iterator[Pattern]:
         stack: list[Rule | IfBlock] = list(reversed(self.rules))
@@ -138,16 +138,13 @@ class Table:
 Possible = frozenset[int] | None
 
 
-def _lookup(items: Sequence[Rule | IfBlock], subject: str, possible: Possible) -> Hit | None:
+def _lookup(items: Sequence[Rule | IfBlock], subject: str) -> Hit | None:
     for item in items:
-        if possible is not None and item.pattern.screen is not None \
-                and id(item.pattern) not in possible:
-            continue  # cannot match any line of this message
         m = item.pattern.match(subject)
         if (m is not None) == item.pattern.negated:
             continue
         if isinstance(item, IfBlock):
-            hit = _lookup(item.body, subject, possible)
+            hit = _lookup(item.body, subject)
             if hit is not None:
                 return hit
             continue
@@ -174,12 +171,8 @@ class Maps:
     def __bool__(self) -> bool:
         return bool(self.tables)
 
-    def lookup(self, subject: str, possible: Possible = None) -> Hit | None:
-        for table in self.tables:
-            hit = table.lookup(subject, possible)
-            if hit is not None:
-                return hit
-        return None
+    def lookup(self, subject: str) -> Hit | None:
+        return _first_hit((t.rules for t in self.tables), subject)
 
     def screen(self, subjects: Sequence[str]) -> Possible:
         """Ids of the patterns that can match one of `subjects` (see screen.py)."""
@@ -206,11 +199,16 @@ class Pruned:
     tables: tuple[tuple[Rule | IfBlock, ...], ...]
 
     def lookup(self, subject: str) -> Hit | None:
-        for rules in self.tables:
-            hit = _lookup(rules, subject, None)
-            if hit is not None:
-                return hit
-        return None
+        return _first_hit(self.tables, subject)
+
+
+def _first_hit(tables: Iterable[Sequence[Rule | IfBlock]], subject: str) -> Hit | None:
+    """As Postfix's maps_find(): the first table with a matching rule answers."""
+    for rules in tables:
+        hit = _lookup(rules, subject)
+        if hit is not None:
+            return hit
+    return None
 
 
 def _prune(items: Sequence[Rule | IfBlock], possible: frozenset[int]) -> tuple[Rule | IfBlock, ...]:
