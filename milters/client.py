@@ -43,6 +43,7 @@ from email.utils import getaddresses
 from types import TracebackType
 from typing import Any, Literal, NoReturn
 
+from milters.core import model
 from milters.core.errors import MiltersError
 from milters.core.sockets import SocketSpec, parse_socket
 from milters.core.verdict import EditKind, HeaderEdit
@@ -563,46 +564,12 @@ class ProbeResult:
 # ---------------------------------------------------------------------------
 # Message helpers
 
-_HEADER_LINE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
-
 
 def parse_message(message: bytes) -> tuple[list[tuple[str, bytes]], bytes]:
-    """Split an RFC 5322 message (CRLF or LF line ends) into header fields and body.
-
-    Each field is (name, value) where value is every byte after the colon, the
-    leading space kept and folded lines joined with "\\n" (Postfix keeps header
-    lines without CR and sends them so). The body comes back with CRLF line
-    ends, as Postfix sends it; a last line without a line end gets one.
-    """
-    headers: list[tuple[str, bytes]] = []
-    pos = 0
-    n = len(message)
-    while pos < n:
-        eol = message.find(b"\n", pos)
-        nxt = n if eol < 0 else eol + 1
-        line = message[pos : (n if eol < 0 else eol)]
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if not line:
-            pos = nxt  # the empty line between header and body is not body
-            break
-        if line[:1] in (b" ", b"\t"):
-            if not headers:
-                break
-            name, value = headers[-1]
-            headers[-1] = (name, value + b"\n" + line)
-        else:
-            m = _HEADER_LINE.match(line)
-            if m is None:
-                break  # not a header line: the body starts here
-            headers.append((m.group(1).decode("ascii"), line[m.end() :]))
-        pos = nxt
-    body = message[pos:]
-    if body:
-        body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        if not body.endswith(b"\r\n"):
-            body += b"\r\n"
-    return headers, body
+    """Header fields as (name, value after the colon) pairs and the body, as Postfix
+    sends them to a milter (see milters.core.model.parse_message)."""
+    headers, body = model.parse_message(message)
+    return [(h.name, h.value) for h in headers], body
 
 
 def apply_header_edits(

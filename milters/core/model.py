@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -156,40 +157,47 @@ def unbracket(address: str) -> str:
     return address
 
 
+# A header field's name: printable ASCII but the colon, then optional white space
+# before the colon (RFC 5322 §3.6.8; obsolete WSP before the colon, §4.5.3).
+_HEADER_LINE = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+
+
 def parse_message(raw: bytes) -> tuple[list[Header], bytes]:
-    """Split an RFC 5322 message into header fields and body, as Postfix hands them over.
+    """Split an RFC 5322 message (CRLF or LF line ends) into header fields and body,
+    as Postfix hands them to a milter.
 
     A field's value is every byte after the colon (leading space kept, as with
-    SMFIP_HDR_LEADSPC), folded lines joined by "\\n"; the body has CRLF line ends.
-    A line in the header that is neither a field nor a continuation ends the
-    header, as Postfix's cleanup treats it (it becomes the first body line).
+    SMFIP_HDR_LEADSPC), folded lines joined by "\n" (Postfix keeps header lines
+    without CR). A line that is neither a field nor a continuation ends the header,
+    as Postfix's cleanup treats it (it becomes the first body line). The body has
+    CRLF line ends; a last line without one gets one, as Postfix stores it.
     """
-    data = raw.replace(b"\r\n", b"\n")
-    lines = data.split(b"\n")
-    headers: list[tuple[bytes, list[bytes]]] = []
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        if line == b"":
-            i += 1
+    headers: list[Header] = []
+    pos = 0
+    n = len(raw)
+    while pos < n:
+        eol = raw.find(b"\n", pos)
+        nxt = n if eol < 0 else eol + 1
+        line = raw[pos:(n if eol < 0 else eol)]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            pos = nxt  # the empty line between header and body is not body
             break
-        if line[:1] in (b" ", b"\t") and headers:
-            headers[-1][1].append(line)
-            i += 1
-            continue
-        name, colon, value = line.partition(b":")
-        if not colon or not name or any(c <= 32 or c > 126 for c in name):
-            break  # not a header line: the body starts here
-        headers.append((name, [value]))
-        i += 1
-    body_lines = lines[i:]
-    if body_lines and body_lines[-1] == b"":
-        body_lines = body_lines[:-1]
-        body = b"\r\n".join(body_lines) + b"\r\n" if body_lines else b""
-    else:
-        body = b"\r\n".join(body_lines)
-    fields = [
-        Header(name.decode("ascii", "surrogateescape"), b"\n".join(parts))
-        for name, parts in headers
-    ]
-    return fields, body
+        if line[:1] in (b" ", b"\t"):
+            if not headers:
+                break
+            last = headers[-1]
+            headers[-1] = Header(last.name, last.value + b"\n" + line)
+        else:
+            m = _HEADER_LINE.match(line)
+            if m is None:
+                break  # not a header line: the body starts here
+            headers.append(Header(m.group(1).decode("ascii"), line[m.end():]))
+        pos = nxt
+    body = raw[pos:]
+    if body:
+        body = body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if not body.endswith(b"\r\n"):
+            body += b"\r\n"
+    return headers, body
