@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+from milters.core.authresults import _parse_ar_authres
+from milters.core.authresults import parse_results as parse_ar
 from milters.core.config import DnsSettings, GlobalSettings
 from milters.core.dkim_verify import dkim_headers
 from milters.core.filter import Env
@@ -17,7 +19,6 @@ from milters.core.verdict import Action, EditKind
 from milters.dkim.keytools import genkey
 from milters.dkim.signing import SignOptions, sign_message
 from milters.dmarc import DmarcFilter, DmarcSettings
-from milters.dmarc.filter import _parse_ar_authres, parse_ar
 from milters.dmarc.history import SqliteHistory
 from tests.support.dkim import transaction
 from tests.support.dns import LoopbackDNS
