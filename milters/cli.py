@@ -12,7 +12,7 @@ import textwrap
 import types
 from collections.abc import Sequence
 
-from milters import __version__, registry
+from milters import __version__, client, registry
 from milters.core.config import Config, render_config
 from milters.core.errors import ConfigError, MiltersError
 from milters.core.logs import setup_logging
@@ -408,8 +408,17 @@ def _read_message(path: str) -> bytes:
         raise MiltersError(f"{path}: cannot read: {exc.strerror}") from None
 
 
+def _envelope(args: argparse.Namespace, helo_default: str = "") -> client.Envelope:
+    """The envelope options of `test` and `probe`, as the one Envelope both use."""
+    return client.Envelope(
+        client_ip=args.client_ip, client_name=args.client_name,
+        helo=args.helo or helo_default, mail_from=args.mail_from,
+        rcpt_to=list(args.rcpt or ["postmaster@localhost"]), auth_user=args.auth_user,
+    )
+
+
 def cmd_test(args: argparse.Namespace) -> int:
-    from milters.offline import Envelope, format_report, run_offline
+    from milters.offline import format_report, run_offline
 
     cfg = registry.load(args.config)
     setup_logging("warning")
@@ -417,11 +426,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     for n in names:
         registry.filter_class(n)
     message = _read_message(args.message)
-    env = Envelope(
-        client_ip=args.client_ip, client_name=args.client_name, helo=args.helo,
-        mail_from=args.mail_from, rcpt_to=tuple(args.rcpt or ("postmaster@localhost",)),
-        auth_user=args.auth_user,
-    )
+    env = _envelope(args)
     refused = False
     for name in names:
         report = run_offline(registry.build_runtime(cfg, name), message, env)
@@ -431,15 +436,10 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from milters import client
-
     message = _read_message(args.message)
-    env = client.Envelope(
-        client_ip=args.client_ip, client_name=args.client_name,
-        helo=args.helo or "probe.invalid", mail_from=args.mail_from,
-        rcpt_to=list(args.rcpt or ["postmaster@localhost"]), auth_user=args.auth_user,
-        **({"queue_id": args.queue_id} if args.queue_id else {}),
-    )
+    env = _envelope(args, helo_default="probe.invalid")
+    if args.queue_id:
+        env.queue_id = args.queue_id
     try:
         result = client.probe(args.socket, message, env, timeout=args.timeout)
     except (OSError, client.MilterClientError) as exc:

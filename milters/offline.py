@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from milters.client import Envelope
 from milters.core import authresults
 from milters.core.config import Config
 from milters.core.model import Body, Connection, Transaction, parse_message
@@ -15,20 +16,6 @@ from milters.core.pipeline import Pipeline
 from milters.core.policy import describe
 from milters.core.runtime import Runtime
 from milters.core.verdict import Action, Verdict
-
-
-@dataclass(frozen=True)
-class Envelope:
-    """What Postfix would know about the SMTP session of the message."""
-
-    client_ip: str = "192.0.2.1"
-    client_name: str = "unknown"
-    helo: str = ""
-    mail_from: str = ""
-    rcpt_to: tuple[str, ...] = ("postmaster@localhost",)
-    auth_user: str = ""
-    daemon_name: str = "smtpd"
-    queue_id: str = "OFFLINE"
 
 
 @dataclass
@@ -41,15 +28,18 @@ class Report:
 
 
 def run_offline(runtime: Runtime, message: bytes, env: Envelope) -> Report:
+    """The decisions for `message` sent with envelope `env` (the same Envelope
+    `milters probe` sends over the wire)."""
     name = runtime.filter.name
     conn = Connection(
         client_addr=env.client_ip,
+        client_port=env.client_port,
         client_name=env.client_name,
         helo=env.helo,
-        macros={"j": "localhost", "{daemon_name}": env.daemon_name},
+        macros={"j": env.daemon_name, "{daemon_name}": env.daemon_name, **env.macros},
     )
     if env.auth_user:
-        conn.macros.update({"{auth_authen}": env.auth_user, "{auth_type}": "PLAIN"})
+        conn.macros.update({"{auth_authen}": env.auth_user, "{auth_type}": env.auth_type})
     pipe = Pipeline(runtime, conn)
     refused = pipe.connect()
     if refused is not None:
