@@ -48,6 +48,7 @@ class Session(Milter.Base):  # type: ignore[misc]
 
     runtime: Runtime
     sessions: SessionCounter
+    actions: int  # action_flags(runtime), once per class, not per connection
 
     def __init__(self) -> None:
         self.conn = Connection()
@@ -59,7 +60,7 @@ class Session(Milter.Base):  # type: ignore[misc]
     def negotiate(self, opts: list[int]) -> int:
         # pymilter hands back every action the MTA offers; declare only ours.
         rc = int(super().negotiate(opts))
-        opts[0] &= action_flags(self.runtime)
+        opts[0] &= self.actions
         self._actions = opts[0]
         return rc
 
@@ -238,7 +239,8 @@ def adapter_class(runtime: Runtime, sessions: SessionCounter) -> type[Session]:
     """A Session subclass with exactly the callbacks this filter needs."""
     needed = runtime.filter.needed_stages()
     bypass = bool(runtime.policy.bypass_recipients)
-    ns: dict[str, Any] = {"runtime": runtime, "sessions": sessions}
+    ns: dict[str, Any] = {"runtime": runtime, "sessions": sessions,
+                          "actions": action_flags(runtime)}
 
     def cb(name: str, impl: Callable[..., int], reply: bool, raw: bool = False) -> None:
         def method(self: Session, *args: Any) -> int:
