@@ -24,7 +24,7 @@ from milters.core.filter import Stage
 from milters.core.model import Connection, Header, Transaction, unbracket
 from milters.core.pipeline import Pipeline
 from milters.core.runtime import Runtime, SessionCounter
-from milters.core.verdict import Action, EditKind, HeaderEdit, Verdict
+from milters.core.verdict import ABOVE_RECEIVED, Action, EditKind, HeaderEdit, Verdict
 
 # Macros Postfix can send (postconf milter_*_macros); we ask for each at the stage
 # Postfix sends it and remember it from there on (`i` only arrives late by default).
@@ -157,13 +157,12 @@ class Session(Milter.Base):  # type: ignore[misc]
             return self._answer(verdict)
         rt = self.runtime
         leadspc = bool(self._protocol & Milter.P_HDR_LEADSPC)
-        # Positional inserts first, bottom-up, so earlier positions stay valid.
-        # Postfix counts its own (hidden) Received field as position 0, so "before
-        # the header we saw at 0-based position p" is index p + 1.
+        # Positional inserts first, bottom-up (a stable sort keeps the order of equal
+        # positions), so earlier positions stay valid.
         inserts = sorted((e for e in verdict.header_edits if e.kind is EditKind.INSERT),
                          key=lambda e: e.index, reverse=True)
         for e in inserts:
-            self.addheader(e.name, _value(e.value, leadspc), e.index + 1)
+            self._insert(e, leadspc)
         # Changes and deletions by occurrence, highest first per name, merged with
         # the removal of forged Authentication-Results fields. Postfix counts
         # occurrences in the header as already edited: inserted fields of the
@@ -188,14 +187,22 @@ class Session(Milter.Base):  # type: ignore[misc]
             for i in range(0, max(len(body), 1), 65535):
                 self.replacebody(body[i : i + 65535])
         if verdict.results:
+            # RFC 8601 §5: at the very top, above the Received field Postfix adds.
+            # Last, after the forged fields of the same name are gone, so that it
+            # shifts no occurrence number above.
             value = authresults.fold(
                 authresults.format_value(rt.env.global_.authserv_id, verdict.results)
             )
-            # RFC 8601 §5: at the very top, above the Received field Postfix adds.
-            self.addheader(authresults.FIELD_NAME, _value(value, leadspc), 0)
+            self._insert(HeaderEdit(EditKind.INSERT, authresults.FIELD_NAME, value,
+                                    ABOVE_RECEIVED), leadspc)
         if verdict.quarantine:
             self.quarantine(verdict.quarantine)
         return int(Milter.ACCEPT)
+
+    def _insert(self, edit: HeaderEdit, leadspc: bool) -> None:
+        # Postfix counts its own hidden Received field as position 0: "before the
+        # field we saw at 0-based position p" is index p + 1, ABOVE_RECEIVED (-1) is 0.
+        self.addheader(edit.name, _value(edit.value, leadspc), edit.index + 1)
 
     def _abort(self) -> int:
         self._drop_tx()

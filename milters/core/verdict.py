@@ -72,9 +72,15 @@ class AuthResult:
     comment: str = ""  # RFC 8601 result comment, e.g. dmarc's "p=reject dis=none"
 
 
+# An INSERT position: above every field, Postfix's own Received field included
+# (milters are not shown it). Where RFC 8601 §5 wants Authentication-Results and
+# RFC 7208 §9.1 Received-SPF: above the Received field of the MTA that did the check.
+ABOVE_RECEIVED = -1
+
+
 class EditKind(enum.Enum):
     ADD = "add"  # append at the end of the header
-    INSERT = "insert"  # insert at a 0-based position (0 = very top)
+    INSERT = "insert"  # insert before the field the filter saw at this 0-based position
     CHANGE = "change"  # replace the n-th (1-based) field of that name
     DELETE = "delete"  # remove the n-th (1-based) field of that name
 

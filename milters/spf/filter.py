@@ -21,6 +21,7 @@ from milters.core.filter import Env, Filter, Network, Stage
 from milters.core.model import Connection, Transaction
 from milters.core.spf_eval import SpfOutcome, check_helo, check_host
 from milters.core.verdict import (
+    ABOVE_RECEIVED,
     Action,
     AuthResult,
     EditKind,
@@ -118,12 +119,11 @@ class SpfFilter(Filter):
         edits: tuple[HeaderEdit, ...] = ()
         if self.spf.received_spf:
             # RFC 7208 §9.1: prepended "above the Received: field that is generated
-            # by the SMTP receiver". Position -1 is one above the first field we
-            # saw: Postfix's own Received, which milters are not shown.
+            # by the SMTP receiver".
             edits = tuple(
                 HeaderEdit(EditKind.INSERT, RECEIVED_SPF,
                            received_spf(o, str(conn.client_ip), conn.helo, tx.mail_from,
-                                        self.env.global_.authserv_id), index=-1)
+                                        self.env.global_.authserv_id), index=ABOVE_RECEIVED)
                 for o in reported
             )
         summary = ", ".join(f"{o.identity} {o.result} {o.domain or '-'}" for o in reported)
