@@ -17,15 +17,15 @@ from dataclasses import dataclass, replace
 from milters.core.filter import Stage
 from milters.core.model import Connection, Transaction
 from milters.core.policy import (
-    REPORT_HEADER,
     describe,
     error_verdict,
     finalize,
     finalize_stage,
+    report_edit,
     split_reply,
 )
 from milters.core.runtime import Runtime
-from milters.core.verdict import Action, EditKind, HeaderEdit, Verdict, merge
+from milters.core.verdict import Action, Verdict, merge
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +130,7 @@ class Pipeline:
             # Same wording as the end-of-message report: "spf would reject 550 ...".
             text = " ".join(f"{self.name} {n.removeprefix('report mode: ')}"
                             for n in self.tx_notes)
-            edit = HeaderEdit(EditKind.ADD, REPORT_HEADER, " ".join(text.split())[:900])
-            verdict = replace(verdict, header_edits=(*verdict.header_edits, edit))
+            verdict = replace(verdict, header_edits=(*verdict.header_edits, report_edit(text)))
         self.tx_pending = []
         self.tx_notes = []
         return Outcome(verdict, (time.perf_counter() - started) * 1000)

@@ -126,14 +126,17 @@ def report_only(verdict: Verdict, policy: SitePolicy) -> Verdict:
         action=Action.ACCEPT,
         reason=f"report mode: would {describe(verdict)}",
         results=verdict.results,
-        header_edits=(*kept, HeaderEdit(EditKind.ADD, REPORT_HEADER, _one_line(text))),
+        header_edits=(*kept, report_edit(text)),
         log_notes=verdict.log_notes,
     )
 
 
-def _one_line(text: str, limit: int = 900) -> str:
+def report_edit(text: str, limit: int = 900) -> HeaderEdit:
+    """The X-Milters-Report field saying what was held back, on one line."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return HeaderEdit(EditKind.ADD, REPORT_HEADER, text)
 
 
 def default_reply(action: Action) -> Reply | None:
@@ -144,10 +147,23 @@ def default_reply(action: Action) -> Reply | None:
     return None
 
 
+def _with_reply(verdict: Verdict) -> Verdict:
+    """A refusal without a reply gets the named default one."""
+    if verdict.reply is None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
+        return replace(verdict, reply=default_reply(verdict.action))
+    return verdict
+
+
+def _soft_bounced(verdict: Verdict, policy: SitePolicy) -> Verdict:
+    """Postfix's soft_bounce: a 5xx rejection becomes the 4xx deferral."""
+    if policy.soft_bounce and verdict.reply is not None and verdict.action is Action.REJECT:
+        return replace(verdict, action=Action.TEMPFAIL, reply=verdict.reply.softened())
+    return verdict
+
+
 def finalize(verdict: Verdict, policy: SitePolicy, rcpt_to: Sequence[str] = ()) -> Verdict:
     """The verdict the adapter carries out, after site policy."""
-    if verdict.action in (Action.REJECT, Action.TEMPFAIL) and verdict.reply is None:
-        verdict = replace(verdict, reply=default_reply(verdict.action))
+    verdict = _with_reply(verdict)
     if (
         verdict.action in (Action.REJECT, Action.DISCARD, Action.TEMPFAIL)
         and rcpt_to
@@ -160,21 +176,13 @@ def finalize(verdict: Verdict, policy: SitePolicy, rcpt_to: Sequence[str] = ()) 
             action=Action.ACCEPT,
             reason=f"bypass recipients: would {describe(verdict)}",
             results=verdict.results,
-            header_edits=(
-                HeaderEdit(
-                    EditKind.ADD,
-                    REPORT_HEADER,
-                    _one_line(f"{policy.filter_name} would {describe(verdict)} (bypass recipient)"),
-                ),
-            ),
+            header_edits=(report_edit(
+                f"{policy.filter_name} would {describe(verdict)} (bypass recipient)"),),
             log_notes=verdict.log_notes,
         )
     if policy.mode == "report":
         return report_only(verdict, policy)
-    if policy.soft_bounce and verdict.reply is not None and verdict.action is Action.REJECT:
-        soft = verdict.reply.softened()
-        return replace(verdict, action=Action.TEMPFAIL, reply=soft)
-    return verdict
+    return _soft_bounced(verdict, policy)
 
 
 def finalize_stage(verdict: Verdict, policy: SitePolicy, rcpt: str = "") -> Verdict:
@@ -185,15 +193,12 @@ def finalize_stage(verdict: Verdict, policy: SitePolicy, rcpt: str = "") -> Verd
     """
     if verdict.action is Action.ACCEPT:
         return verdict
-    if verdict.reply is None:
-        verdict = replace(verdict, reply=default_reply(verdict.action))
+    verdict = _with_reply(verdict)
     if rcpt and policy.bypass_recipients and is_bypassed(rcpt, policy.bypass_recipients):
         return Verdict(reason=f"bypass recipient {rcpt}: would {describe(verdict)}")
     if policy.mode == "report":
         return Verdict(reason=f"report mode: would {describe(verdict)}")
-    if policy.soft_bounce and verdict.reply is not None and verdict.action is Action.REJECT:
-        return replace(verdict, action=Action.TEMPFAIL, reply=verdict.reply.softened())
-    return verdict
+    return _soft_bounced(verdict, policy)
 
 
 def split_reply(rcpt_to: Sequence[str], rcpt: str, policy: SitePolicy) -> Reply | None:
