@@ -16,7 +16,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # `python bench/__main__.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,11 +24,8 @@ from bench import common, milter_bench, postfix_bench
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="Run the milter-protocol and Postfix benchmarks; write one JSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = common.arg_parser(
+        "bench", "Run the milter-protocol and Postfix benchmarks; write one JSON.")
     p.add_argument("--duration", type=float, default=5.0,
                    help="seconds per milter-protocol case")
     p.add_argument("--workers", type=int, default=None,
@@ -43,8 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workers = [] if args.workers is None else ["--workers", str(args.workers)]
-    combined: dict[str, Any] = {"benchmark": "all", "started": common.timestamp(),
-                                "host": common.host_info()}
+    combined = common.new_result("all")
     summaries: list[str] = []
 
     filters = ["checks"] + ([] if args.no_scripted else ["scripted"])

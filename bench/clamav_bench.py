@@ -23,7 +23,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ if __package__ in (None, ""):  # `python bench/clamav_bench.py`
 
 from bench import common
 from bench.corpus import CORPORA, corpus, large_message
-from bench.milter_bench import Load, _brief, measure_memory, prepare, run_load, table
+from bench.milter_bench import NODELAYS, _brief, measure_memory, prepare, run_cases, table
 from tests.support.clamd import Clamd, running_clamd
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port
 
@@ -47,11 +46,7 @@ def _start_ours(factory: ProcessFactory, d: Path, clamd: Clamd, workers: int,
         f'socket = "inet:{port}@127.0.0.1"\nworkers = {workers}\n'
         f'clamd_sockets = ["{clamd.tcp}"]\n'
     )
-    argv = [sys.executable, "-m", "milters", "run", "clamav", "--config", str(cfg)]
-    proc = factory.start(argv, port, env={"PYTHONPATH": str(common.REPO_ROOT)},
-                         cwd=common.REPO_ROOT)
-    _wait_workers(proc.pid, workers)
-    return proc, f"inet:{port}@127.0.0.1"
+    return common.start_milters(factory, "clamav", cfg, port, workers), common.spec_for(port)
 
 
 def _start_peer(factory: ProcessFactory, d: Path, clamd: Clamd
@@ -68,13 +63,7 @@ def _start_peer(factory: ProcessFactory, d: Path, clamd: Clamd
         "AddHeader Replace\nOnInfected Reject\nOnFail Defer\n"
         "MaxFileSize 25M\nReadTimeout 120\n"
     )
-    return factory.start([binary, "-c", str(cfg)], port), f"inet:{port}@127.0.0.1"
-
-
-def _wait_workers(pid: int, workers: int) -> None:
-    deadline = time.monotonic() + 10
-    while len(common.process_tree(pid)) < workers + 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    return factory.start([binary, "-c", str(cfg)], port), common.spec_for(port)
 
 
 def measure(label: str, proc: ManagedProcess, spec: str, args: argparse.Namespace
@@ -88,22 +77,8 @@ def measure(label: str, proc: ManagedProcess, spec: str, args: argparse.Namespac
                      "per_connection": 1},
         "memory_idle_start": _brief(common.tree_memory(proc.pid)),
     }
-    nodelays = {"off": [False], "on": [True], "both": [False, True]}[args.nodelay]
-
-    def pids() -> list[int]:
-        return common.process_tree(proc.pid)
-
-    for name, messages in prepared.items():
-        for n in args.connections or [1, 4]:
-            for nodelay in nodelays:
-                warm = Load(spec, name, n, 1, nodelay, None, max(8, 4 * n), judge=False)
-                run_load(warm, messages, pids())
-                load = Load(spec, name, n, 1, nodelay, args.duration, None, judge=False)
-                case = run_load(load, messages, pids())
-                result["cases"].append(case)
-                print(f"  {label:<13} {name:<10} conns={n} nodelay={'on' if nodelay else 'off'}"
-                      f": {case['msgs_per_s']:.1f} msg/s, "
-                      f"data p50 {case['data_ms'].get('p50')} ms", file=sys.stderr, flush=True)
+    result["cases"] = run_cases(label, spec, proc.pid, prepared, args.connections or [1, 4],
+                                NODELAYS[args.nodelay], args.duration)
     if not args.no_memory:
         small = prepared.get("small", [prepare(corpus("small", 1)[0].raw)])[0]
         large = prepare(large_message(int(args.large_mb * 1024 * 1024)))
@@ -113,11 +88,7 @@ def measure(label: str, proc: ManagedProcess, spec: str, args: argparse.Namespac
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.clamav_bench",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = common.arg_parser("bench.clamav_bench", __doc__)
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="pre-forked worker processes of the clamav filter")
     p.add_argument("--no-peer", action="store_true", help="skip clamav-milter")
@@ -143,8 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    result: dict[str, Any] = {"benchmark": "clamav", "started": common.timestamp(),
-                              "host": common.host_info(), "milters": []}
+    result = common.new_result("clamav", milters=[])
     # StreamMaxLength well above the large message: it must be scanned, not refused.
     stream_max = int((args.large_mb + 20) * 1024 * 1024)
     with running_clamd(stream_max) as clamd, \
@@ -159,11 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["milters"].append(measure("clamav-milter", *peer, args))
         finally:
             factory.close()
-    path = common.write_results("clamav", result, args.out)
-    for m in result["milters"]:
-        print(table(m))
-        print()
-    print(f"results: {path}")
+    common.report("clamav", result, map(table, result["milters"]), args.out)
     return 0
 
 

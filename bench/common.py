@@ -9,6 +9,7 @@ holds. Both are reported.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -21,7 +22,10 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tests.support.processes import ManagedProcess, ProcessFactory
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
@@ -221,6 +225,45 @@ def wait_cpu_idle(pids: Sequence[int], quiet_polls: int = 3, interval: float = 0
         last = now
 
 
+# --- command line ---------------------------------------------------------------------
+
+
+def arg_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `python -m MODULE`: the first paragraph of `doc` as description,
+    defaults shown in --help."""
+    return argparse.ArgumentParser(
+        prog=f"python -m {module}",
+        description=doc.split("\n\n")[0] if doc else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+# --- starting filters ---------------------------------------------------------------
+
+
+def spec_for(port: int) -> str:
+    """The libmilter socket spec of a milter listening on 127.0.0.1:port."""
+    return f"inet:{port}@127.0.0.1"
+
+
+def wait_workers(pid: int, workers: int, timeout: float = 10.0) -> None:
+    """The parent forks its workers once the socket is open: wait until all are there."""
+    deadline = time.monotonic() + timeout
+    while len(process_tree(pid)) < workers + 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def start_milters(factory: ProcessFactory, name: str, config: Path, port: int,
+                  workers: int | None = None) -> ManagedProcess:
+    """`milters run NAME --config CONFIG` from this checkout, listening on `port`;
+    with `workers`, also wait until that many workers are forked."""
+    argv = [sys.executable, "-m", "milters", "run", name, "--config", str(config)]
+    proc = factory.start(argv, port, env={"PYTHONPATH": str(REPO_ROOT)}, cwd=REPO_ROOT)
+    if workers is not None:
+        wait_workers(proc.pid, workers)
+    return proc
+
+
 # --- results -------------------------------------------------------------------------
 
 
@@ -248,6 +291,11 @@ def host_info() -> dict[str, Any]:
     return info
 
 
+def new_result(benchmark: str, **fields: Any) -> dict[str, Any]:
+    """A result's head: its name, when it started, the host, then `fields`."""
+    return {"benchmark": benchmark, "started": timestamp(), "host": host_info(), **fields}
+
+
 def timestamp() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
@@ -257,6 +305,17 @@ def write_results(name: str, data: dict[str, Any], out: Path | None = None) -> P
     path = out or RESULTS_DIR / f"{name}-{timestamp()}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def report(name: str, result: dict[str, Any], tables: Iterable[str],
+           out: Path | None = None) -> Path:
+    """Write `result` (write_results), print each table and a blank line, then the path."""
+    path = write_results(name, result, out)
+    for text in tables:
+        print(text)
+        print()
+    print(f"results: {path}")
     return path
 
 

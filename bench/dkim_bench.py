@@ -26,19 +26,15 @@ Writes bench/results/dkim-TIMESTAMP.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # `python bench/dkim_bench.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dnslib.server import DNSLogger, DNSServer
 
 from bench import common
 from bench.corpus import corpus
@@ -50,12 +46,12 @@ from milters.dkim import DkimFilter, DkimSettings
 from milters.dkim.keys import load_private_key
 from milters.dkim.keytools import genkey
 from tests.support.dkim import outgoing, transaction
-from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.dns import dns_server, serving
+from tests.support.namespace import DNS53, private_resolver_argv, private_resolver_usable
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port
 
 DOMAINS = ("example.org", "example.net", "corp.example.com", "mail.example.co.jp",
            "lists.example.edu", "sender.example")
-DNS53 = "127.0.0.153"  # the loopback DNS server again, on port 53, for dkimpy-milter
 MODES = ("sign", "verify")
 
 
@@ -78,15 +74,12 @@ def _signed_corpus(d: Path, messages: list[bytes], ed25519: bool) -> list[bytes]
 def _start_ours(factory: ProcessFactory, d: Path, dns_toml: str, workers: int
                 ) -> tuple[str, ManagedProcess]:
     port = free_port()
-    spec = f"inet:{port}@127.0.0.1"
+    spec = common.spec_for(port)
     config = d / "milters.toml"
     config.write_text(f'[global]\nauthserv_id = "mx.bench.example"\n{dns_toml}\n'
                       f'[dkim]\nsocket = "{spec}"\nworkers = {workers}\n'
                       f'key_table = "{d}/KeyTable"\nsigning_table = "{d}/SigningTable"\n')
-    argv = [sys.executable, "-m", "milters", "run", "dkim", "--config", str(config)]
-    proc = factory.start(argv, port, env={"PYTHONPATH": str(common.REPO_ROOT)},
-                         cwd=common.REPO_ROOT)
-    return spec, proc
+    return spec, common.start_milters(factory, "dkim", config, port)
 
 
 def _start_opendkim(factory: ProcessFactory, d: Path, records: dict[str, str]
@@ -103,28 +96,12 @@ def _start_opendkim(factory: ProcessFactory, d: Path, records: dict[str, str]
         "RequireSafeKeys false\nInternalHosts 127.0.0.1\nMTA ORIGINATING\n"
         "AuthservID mx.bench.example\n")
     proc = factory.start(["opendkim", "-f", "-x", str(conf)], port)
-    return f"inet:{port}@127.0.0.1", proc
-
-
-@contextmanager
-def _dns_on_53(dns: LoopbackDNS) -> Iterator[None]:
-    """Serve the loopback DNS server's records on DNS53:53 too (UDP and TCP)."""
-    quiet = DNSLogger(logf=lambda _: None)
-    servers = [DNSServer(dns.resolver, port=53, address=DNS53, tcp=tcp, logger=quiet)
-               for tcp in (False, True)]
-    for s in servers:
-        s.start_thread()
-    try:
-        yield
-    finally:
-        for s in servers:
-            s.stop()
+    return common.spec_for(port), proc
 
 
 def _start_dkimpy(factory: ProcessFactory, d: Path, mode: str) -> tuple[str, ManagedProcess]:
     """dkimpy-milter in `Mode s` or `Mode v`, resolving through DNS53 (private resolv.conf)."""
     port = free_port()
-    (d / "resolv.conf").write_text(f"nameserver {DNS53}\noptions timeout:2 attempts:1\n")
     (d / "dp-KeyTable").write_text(f"rsakey %:bench:{d}/bench.private\n")
     (d / "dp-SigningTable").write_text("% rsakey\n")  # `*` matches nothing in 1.2.3
     conf = d / f"dkimpy-milter-{mode}.conf"
@@ -133,10 +110,8 @@ def _start_dkimpy(factory: ProcessFactory, d: Path, mode: str) -> tuple[str, Man
         f"Canonicalization relaxed/relaxed\nKeyTable {d}/dp-KeyTable\n"
         f"SigningTable {d}/dp-SigningTable\nInternalHosts 127.0.0.1\n"
         "AuthservID mx.bench.example\n")
-    proc = factory.start(["unshare", "-m", "sh", "-c",
-                          f"mount --bind {d}/resolv.conf /etc/resolv.conf && "
-                          f"exec dkimpy-milter {conf}"], port)
-    return f"inet:{port}@127.0.0.1", proc
+    proc = factory.start(private_resolver_argv(d, DNS53, f"dkimpy-milter {conf}"), port)
+    return common.spec_for(port), proc
 
 
 def _probe(spec: str, mode: str, raw: bytes, auth: str) -> dict[str, Any]:
@@ -155,8 +130,7 @@ def _probe(spec: str, mode: str, raw: bytes, auth: str) -> dict[str, Any]:
 
 
 def _dkimpy_usable() -> bool:
-    if shutil.which("dkimpy-milter") is None or shutil.which("unshare") is None \
-            or os.geteuid() != 0:
+    if not private_resolver_usable("dkimpy-milter"):
         print("dkimpy-milter, unshare or root missing: dkimpy-milter skipped", file=sys.stderr)
         return False
     return True
@@ -249,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                 od = _start_opendkim(factory, d, records)
                 peers.append(("opendkim", {"sign": od, "verify": od}))
             use_dkimpy = args.dkimpy_milter and _dkimpy_usable()
-            dns53: AbstractContextManager[None] = _dns_on_53(dns) if use_dkimpy \
-                else nullcontext()
+            # The same records on DNS53:53 too, for dkimpy-milter (UDP and TCP).
+            dns53: AbstractContextManager[None] = serving(dns.resolver, DNS53, 53) \
+                if use_dkimpy else nullcontext()
             with dns53:
                 if use_dkimpy:
                     peers.append(("dkimpy-milter", {m: _start_dkimpy(factory, d, m[0])

@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import sys
 import tempfile
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,16 +33,15 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/dmarc_bench.py`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dnslib.server import DNSLogger, DNSServer
-
 from bench import common
 from bench.corpus import corpus
-from bench.milter_bench import Load, Prepared, _brief, prepare, run_load, table
-from tests.support.dns import LoopbackDNS, ZoneResolver
+from bench.milter_bench import NODELAYS, Prepared, _brief, prepare, run_cases, table
+from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.namespace import DNS53, private_resolver_argv, private_resolver_usable
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port
 
 AUTHSERV = "mx.test.example"
-DNS_ADDRESS = "127.0.0.153"
+DNS_ADDRESS = DNS53
 RECORDS = {
     "_dmarc.example.org": "v=DMARC1; p=reject; rua=mailto:dmarc@example.org",
     "_dmarc.example.net": "v=DMARC1; p=quarantine",
@@ -55,21 +52,10 @@ RECORDS = {
 
 @contextmanager
 def dns_on_53() -> Iterator[LoopbackDNS]:
-    resolver = ZoneResolver()
-    quiet = DNSLogger(logf=lambda _: None)
-    servers = [DNSServer(resolver, port=53, address=DNS_ADDRESS, tcp=tcp, logger=quiet)
-               for tcp in (False, True)]
-    for s in servers:
-        s.start_thread()
-    server = LoopbackDNS(resolver, 53)
-    server.address = DNS_ADDRESS
-    for name, value in RECORDS.items():
-        server.txt(name, value)
-    try:
+    with dns_server(DNS_ADDRESS, 53) as server:
+        for name, value in RECORDS.items():
+            server.txt(name, value)
         yield server
-    finally:
-        for s in servers:
-            s.stop()
 
 
 def messages(size: int) -> list[Prepared]:
@@ -85,12 +71,6 @@ def messages(size: int) -> list[Prepared]:
     return out
 
 
-def _wait_workers(pid: int, workers: int) -> None:
-    deadline = time.monotonic() + 10
-    while len(common.process_tree(pid)) < workers + 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-
-
 def start_ours(factory: ProcessFactory, d: Path, workers: int, log_level: str,
                discovery: str, keep_history: bool = True) -> tuple[ManagedProcess, str]:
     port = free_port()
@@ -101,22 +81,16 @@ def start_ours(factory: ProcessFactory, d: Path, workers: int, log_level: str,
         f'[global.dns]\nnameservers = ["{DNS_ADDRESS}"]\nport = 53\n'
         f'[dmarc]\nsocket = "inet:{port}@127.0.0.1"\nworkers = {workers}\n'
         f'discovery = "{discovery}"\nhistory = "{history}"\n')
-    argv = [sys.executable, "-m", "milters", "run", "dmarc", "--config", str(cfg)]
-    proc = factory.start(argv, port, env={"PYTHONPATH": str(common.REPO_ROOT)},
-                         cwd=common.REPO_ROOT)
-    _wait_workers(proc.pid, workers)
-    return proc, f"inet:{port}@127.0.0.1"
+    return common.start_milters(factory, "dmarc", cfg, port, workers), common.spec_for(port)
 
 
 def start_opendmarc(factory: ProcessFactory, d: Path) -> tuple[ManagedProcess, str] | None:
-    if shutil.which("opendmarc") is None or shutil.which("unshare") is None \
-            or os.geteuid() != 0:
+    if not private_resolver_usable("opendmarc"):
         print("opendmarc, unshare or root missing: OpenDMARC skipped", file=sys.stderr)
         return None
     import publicsuffixlist
 
     port = free_port()
-    (d / "resolv.conf").write_text(f"nameserver {DNS_ADDRESS}\noptions timeout:2 attempts:1\n")
     (d / "ignore").write_text("")
     psl = Path(publicsuffixlist.__file__).parent / "public_suffix_list.dat"
     (d / "opendmarc.conf").write_text(
@@ -124,10 +98,9 @@ def start_opendmarc(factory: ProcessFactory, d: Path) -> tuple[ManagedProcess, s
         f"TrustedAuthservIDs {AUTHSERV}\nPublicSuffixList {psl}\nSPFSelfValidate false\n"
         f"IgnoreHosts {d}/ignore\nRejectFailures false\nSyslog false\nBackground false\n"
         f"HistoryFile {d}/opendmarc.dat\n")
-    proc = factory.start(["unshare", "-m", "sh", "-c",
-                          f"mount --bind {d}/resolv.conf /etc/resolv.conf && "
-                          f"exec opendmarc -f -c {d}/opendmarc.conf"], port)
-    return proc, f"inet:{port}@127.0.0.1"
+    proc = factory.start(
+        private_resolver_argv(d, DNS_ADDRESS, f"opendmarc -f -c {d}/opendmarc.conf"), port)
+    return proc, common.spec_for(port)
 
 
 def measure(label: str, proc: ManagedProcess, spec: str, prepared: Sequence[Prepared],
@@ -137,27 +110,14 @@ def measure(label: str, proc: ManagedProcess, spec: str, prepared: Sequence[Prep
         "settings": {"workers": workers, "per_connection": 1},
         "memory_idle_start": _brief(common.tree_memory(proc.pid)),
     }
-    nodelays = {"off": [False], "on": [True], "both": [False, True]}[args.nodelay]
-    for n in args.connections or [1, 4]:
-        for nodelay in nodelays:
-            pids = common.process_tree(proc.pid)
-            run_load(Load(spec, "small", n, 1, nodelay, None, max(8, 4 * n), judge=False),
-                     prepared, pids)
-            case = run_load(Load(spec, "small", n, 1, nodelay, args.duration, None,
-                                 judge=False), prepared, pids)
-            result["cases"].append(case)
-            print(f"  {label:<16} conns={n} nodelay={'on' if nodelay else 'off'}: "
-                  f"{case['msgs_per_s']:.1f} msg/s, data p50 {case['data_ms'].get('p50')} ms",
-                  file=sys.stderr, flush=True)
+    result["cases"] = run_cases(label, spec, proc.pid, {"small": prepared},
+                                args.connections or [1, 4], NODELAYS[args.nodelay],
+                                args.duration)
     return result
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.dmarc_bench",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = common.arg_parser("bench.dmarc_bench", __doc__)
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="pre-forked worker processes of the dmarc filter")
     p.add_argument("--no-peer", action="store_true", help="skip OpenDMARC")
@@ -178,8 +138,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    result: dict[str, Any] = {"benchmark": "dmarc", "started": common.timestamp(),
-                              "host": common.host_info(), "milters": []}
+    result = common.new_result("dmarc", milters=[])
     prepared = messages(args.corpus_size)
     with dns_on_53(), tempfile.TemporaryDirectory(prefix="milters-bench-") as tmp:
         os.chmod(tmp, 0o755)
@@ -196,11 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result["milters"].append(measure("opendmarc", *peer, prepared, args, None))
         finally:
             factory.close()
-    path = common.write_results("dmarc", result, args.out)
-    for m in result["milters"]:
-        print(table(m))
-        print()
-    print(f"results: {path}")
+    common.report("dmarc", result, map(table, result["milters"]), args.out)
     return 0
 
 

@@ -39,7 +39,7 @@ import queue
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -152,6 +152,9 @@ def send_message(session: MilterSession, msg: Prepared) -> tuple[str, float]:
 
 
 # --- load from client processes -------------------------------------------------------
+
+
+NODELAYS = {"off": [False], "on": [True], "both": [False, True]}  # --nodelay choices
 
 
 @dataclass(frozen=True)
@@ -411,22 +414,15 @@ def start_filter(name: str, workers: int, log_level: str, workdir: Path
         raise ValueError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
     proc = ManagedProcess(argv, port, env=env, cwd=common.REPO_ROOT)
     proc.wait_ready()
-    # The parent forks its workers once the socket is open: wait until all are there.
-    deadline = time.monotonic() + 10
-    while len(common.process_tree(proc.pid)) < workers + 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return proc, f"inet:{port}@127.0.0.1"
+    common.wait_workers(proc.pid, workers)
+    return proc, common.spec_for(port)
 
 
 # --- the run --------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.milter_bench",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = common.arg_parser("bench.milter_bench", __doc__)
     p.add_argument("--filter", choices=FILTERS, default="checks",
                    help="filter to start (checks: bench/tables rules; scripted: core only)")
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
@@ -461,7 +457,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     corpora = args.corpus or list(CORPORA)
     conns = args.connections or [1, 4]
-    nodelays = {"off": [False], "on": [True], "both": [False, True]}[args.nodelay]
+    nodelays = NODELAYS[args.nodelay]
     prepared = {name: [prepare(m.raw, m.expect_reject) for m in corpus(name, args.corpus_size)]
                 for name in corpora}
     large = prepare(large_message(int(args.large_mb * 1024 * 1024)))
@@ -498,21 +494,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 root = proc.pid
             result["socket"] = socket_spec
 
-            def pids() -> list[int]:
-                return common.process_tree(root) if root else []
-
             if root:
                 result["memory_idle_start"] = _brief(common.tree_memory(root))
             for name in corpora:
                 for n in conns:
                     for nodelay in nodelays:
-                        load = Load(socket_spec, name, n, args.per_connection, nodelay,
-                                    None if args.count else args.duration, args.count,
-                                    judge=label == "checks")
-                        warm = Load(socket_spec, name, n, args.per_connection, nodelay,
-                                    None, max(8, 4 * n))
-                        run_load(warm, prepared[name], pids())  # warm caches, spawn threads
-                        case = run_load(load, prepared[name], pids())
+                        case = run_case(socket_spec, name, n, nodelay, prepared[name], root,
+                                        per_connection=args.per_connection,
+                                        duration=None if args.count else args.duration,
+                                        count=args.count, judge=label == "checks")
                         result["cases"].append(case)
                         if not args.quiet:
                             print(_progress(case), file=sys.stderr, flush=True)
@@ -531,6 +521,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 }
                 proc.cleanup()
     return result
+
+
+def run_case(spec: str, corpus_name: str, connections: int, nodelay: bool,
+             messages: Sequence[Prepared], root: int | None, *, per_connection: int = 1,
+             duration: float | None = None, count: int | None = None,
+             judge: bool = False) -> dict[str, Any]:
+    """An untimed warm-up (caches, threads), then the measured Load; its summary.
+
+    `root` is the filter's main pid (its process tree's CPU is measured), if known.
+    """
+    def pids() -> list[int]:
+        return common.process_tree(root) if root else []
+
+    warm = Load(spec, corpus_name, connections, per_connection, nodelay, None,
+                max(8, 4 * connections))
+    run_load(warm, messages, pids())
+    load = Load(spec, corpus_name, connections, per_connection, nodelay, duration, count,
+                judge=judge)
+    return run_load(load, messages, pids())
+
+
+def run_cases(label: str, spec: str, root: int, prepared: Mapping[str, Sequence[Prepared]],
+              connections: Sequence[int], nodelays: Sequence[bool],
+              duration: float) -> list[dict[str, Any]]:
+    """run_case for every corpus x connections x nodelay, each reported on stderr."""
+    cases = []
+    for name, messages in prepared.items():
+        for n in connections:
+            for nodelay in nodelays:
+                case = run_case(spec, name, n, nodelay, messages, root, duration=duration)
+                cases.append(case)
+                print(f"  {label:<16}{_progress(case)}", file=sys.stderr, flush=True)
+    return cases
 
 
 def _progress(case: dict[str, Any]) -> str:

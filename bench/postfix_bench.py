@@ -248,11 +248,7 @@ def _files_in(instance: PostfixInstance, name: str) -> bool:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.postfix_bench",
-        description=__doc__.split("\n\n")[0] if __doc__ else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = common.arg_parser("bench.postfix_bench", __doc__)
     p.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 4),
                    help="pre-forked workers of each filter")
     p.add_argument("--scripted", action="store_true",
@@ -286,14 +282,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     counts = {"small": args.count, "attachment": args.attachment_count}
     wires = {name: [to_wire(m.raw, m.expect_reject) for m in corpus(name, 200)]
              for name in corpora}
-    result: dict[str, Any] = {
-        "benchmark": "postfix",
-        "started": common.timestamp(),
-        "host": common.host_info(),
-        "settings": {"workers": args.workers, "counts": counts, "deliver": args.deliver,
-                     "warmup": args.warmup, "one_message_per_smtp_session": True},
-        "cases": [],
-    }
+    result = common.new_result(
+        "postfix",
+        settings={"workers": args.workers, "counts": counts, "deliver": args.deliver,
+                  "warmup": args.warmup, "one_message_per_smtp_session": True},
+        cases=[])
     reason = unavailable_reason()
     if reason:
         result["skipped"] = reason

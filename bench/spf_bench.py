@@ -50,14 +50,11 @@ def publish(dns: LoopbackDNS) -> None:
 def _start(factory: ProcessFactory, d: Path, dns_toml: str, workers: int
            ) -> tuple[str, ManagedProcess]:
     port = free_port()
-    spec = f"inet:{port}@127.0.0.1"
+    spec = common.spec_for(port)
     config = d / "milters.toml"
     config.write_text(f'[global]\nauthserv_id = "mx.bench.example"\n{dns_toml}\n'
                       f'[spf]\nsocket = "{spec}"\nworkers = {workers}\n')
-    argv = [sys.executable, "-m", "milters", "run", "spf", "--config", str(config)]
-    proc = factory.start(argv, port, env={"PYTHONPATH": str(common.REPO_ROOT)},
-                         cwd=common.REPO_ROOT)
-    return spec, proc
+    return spec, common.start_milters(factory, "spf", config, port)
 
 
 def main(argv: list[str] | None = None) -> int:

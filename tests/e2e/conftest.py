@@ -33,6 +33,7 @@ from tests.e2e.filters import (
     StartFilter,
 )
 from tests.e2e.postfix import PostfixInstance, unavailable_reason
+from tests.e2e.suite import factory, keys, workdir  # noqa: F401  (the suite tests' fixtures)
 from tests.support.processes import (
     ManagedProcess,
     ProcessFactory,
@@ -79,11 +80,8 @@ def postfix(postfix_instance: PostfixInstance) -> PostfixInstance:
 @pytest.fixture
 def processes() -> Iterator[ProcessFactory]:
     """Every process started through this factory is SIGKILLed after the test."""
-    factory = ProcessFactory()
-    try:
-        yield factory
-    finally:
-        factory.close()
+    with ProcessFactory() as f:
+        yield f
 
 
 @pytest.fixture

@@ -15,10 +15,12 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import dkim
+import pytest
 
 from milters.dkim.keytools import genkey
 from tests.e2e.postfix import DISCONNECTED, PostfixInstance, SendResult
@@ -127,6 +129,26 @@ class Suite:
 
     def output(self) -> str:
         return "\n".join(p.output() for p in self.processes.values())
+
+
+# --- module fixtures of the suite tests (tests/e2e/conftest.py imports them) ---
+
+
+@pytest.fixture(scope="module")
+def workdir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory for the module's keys and config, named after the module."""
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def keys(workdir: Path) -> Keys:
+    return make_keys(workdir)
+
+
+@pytest.fixture(scope="module")
+def factory() -> Iterator[ProcessFactory]:
+    with ProcessFactory() as f:
+        yield f
 
 
 def start_suite(factory: ProcessFactory, directory: Path, keys: Keys, dns: LoopbackDNS,

@@ -116,15 +116,18 @@ def test_next_milter_sees_inserted_headers_at_the_top(
 # --- (b) smfi_chgheader ----------------------------------------------------------------
 
 
+def delete_dup(*indexes: int) -> list[dict[str, Any]]:
+    """chgheader actions deleting X-Dup #index (an empty value), in this order."""
+    return [{"op": "chgheader", "name": "X-Dup", "idx": i, "value": ""} for i in indexes]
+
+
 @pytest.mark.parametrize(
     ("idx", "left"), [(1, ["two", "three"]), (2, ["one", "three"]), (3, ["one", "two"])]
 )
 def test_chgheader_empty_value_deletes_the_nth_occurrence(
     postfix: PostfixInstance, probe: ProbeMilter, idx: int, left: list[str]
 ) -> None:
-    msg = deliver_with(
-        postfix, probe, [{"op": "chgheader", "name": "X-Dup", "idx": idx, "value": ""}]
-    )
+    msg = deliver_with(postfix, probe, delete_dup(idx))
     assert msg.get_all("X-Dup") == left
 
 
@@ -133,23 +136,9 @@ def test_chgheader_indexes_apply_to_the_headers_as_already_edited(
 ) -> None:
     """Deleting #1 then #2 leaves "two": after the first delete, #2 is "three".
     To delete several occurrences, go from the highest index down."""
-    msg = deliver_with(
-        postfix,
-        probe,
-        [
-            {"op": "chgheader", "name": "X-Dup", "idx": 1, "value": ""},
-            {"op": "chgheader", "name": "X-Dup", "idx": 2, "value": ""},
-        ],
-    )
+    msg = deliver_with(postfix, probe, delete_dup(1, 2))
     assert msg.get_all("X-Dup") == ["two"]
-    msg = deliver_with(
-        postfix,
-        probe,
-        [
-            {"op": "chgheader", "name": "X-Dup", "idx": 3, "value": ""},
-            {"op": "chgheader", "name": "X-Dup", "idx": 1, "value": ""},
-        ],
-    )
+    msg = deliver_with(postfix, probe, delete_dup(3, 1))
     assert msg.get_all("X-Dup") == ["two"]
 
 

@@ -31,7 +31,6 @@ from tests.e2e.suite import (
     Suite,
     ar_text,
     dkim_sign,
-    make_keys,
     message,
     publish,
     start_suite,
@@ -47,29 +46,10 @@ OUTSIDE = {"ADDR": OUTSIDE_IP, "NAME": "mx.outside.example", "HELO": "mx.outside
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("suite")
-
-
-@pytest.fixture(scope="module")
-def keys(workdir: Path) -> Keys:
-    return make_keys(workdir)
-
-
-@pytest.fixture(scope="module")
 def dns(keys: Keys) -> Iterator[LoopbackDNS]:
     with dns_server() as server:
         publish(server, keys)
         yield server
-
-
-@pytest.fixture(scope="module")
-def factory() -> Iterator[ProcessFactory]:
-    f = ProcessFactory()
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,6 @@ from tests.e2e.suite import (
     children,
     filter_parent,
     kill_tree,
-    make_keys,
     message,
     publish,
     start_suite,
@@ -117,16 +116,6 @@ class RestartableClamd:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("faults")
-
-
-@pytest.fixture(scope="module")
-def keys(workdir: Path) -> Keys:
-    return make_keys(workdir)
-
-
-@pytest.fixture(scope="module")
 def dns(keys: Keys) -> Iterator[StoppableDNS]:
     server = StoppableDNS()
     publish(server.zones, keys)
@@ -135,15 +124,6 @@ def dns(keys: Keys) -> Iterator[StoppableDNS]:
         yield server
     finally:
         server.stop()
-
-
-@pytest.fixture(scope="module")
-def factory() -> Iterator[ProcessFactory]:
-    f = ProcessFactory()
-    try:
-        yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture(scope="module")

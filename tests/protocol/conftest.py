@@ -65,17 +65,15 @@ def free_port() -> Callable[[], int]:
 def start_milter_process() -> Iterator[StartProcess]:
     """start_milter_process(argv, port, env=None, cwd=None): running once the port
     accepts; SIGKILLed after the test."""
-    factory = ProcessFactory()
-    yield _starter(factory)
-    factory.close()
+    with ProcessFactory() as factory:
+        yield _starter(factory)
 
 
 @pytest.fixture(scope="module")
 def start_module_milter() -> Iterator[StartProcess]:
     """Like start_milter_process, but the processes live until the module ends."""
-    factory = ProcessFactory()
-    yield _starter(factory)
-    factory.close()
+    with ProcessFactory() as factory:
+        yield _starter(factory)
 
 
 @pytest.fixture(scope="module")

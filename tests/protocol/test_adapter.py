@@ -33,9 +33,8 @@ def start_scripted(factory: ProcessFactory, *args: str) -> ManagedProcess:
 
 @pytest.fixture(scope="module")
 def processes() -> Iterator[ProcessFactory]:
-    factory = ProcessFactory()
-    yield factory
-    factory.close()
+    with ProcessFactory() as factory:
+        yield factory
 
 
 @pytest.fixture(scope="module")

@@ -36,9 +36,8 @@ Start = Callable[..., tuple[ManagedProcess, str]]
 
 @pytest.fixture(scope="module")
 def factory() -> Iterator[ProcessFactory]:
-    f = ProcessFactory()
-    yield f
-    f.close()
+    with ProcessFactory() as f:
+        yield f
 
 
 @pytest.fixture(scope="module")

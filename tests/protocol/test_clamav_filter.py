@@ -23,9 +23,8 @@ Start = Callable[..., str]
 
 @pytest.fixture(scope="module")
 def factory() -> Iterator[ProcessFactory]:
-    f = ProcessFactory()
-    yield f
-    f.close()
+    with ProcessFactory() as f:
+        yield f
 
 
 @pytest.fixture(scope="module")

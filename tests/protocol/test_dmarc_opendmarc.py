@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,19 +24,18 @@ from pathlib import Path
 
 import publicsuffixlist
 import pytest
-from dnslib.server import DNSLogger, DNSServer
 
 from milters import client
-from tests.support.dns import LoopbackDNS, ZoneResolver
+from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.namespace import DNS53, private_resolver_argv, private_resolver_usable
 from tests.support.processes import ProcessFactory, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-DNS_ADDRESS = "127.0.0.153"
+DNS_ADDRESS = DNS53
 AUTHSERV = "mx.test.example"
 
 pytestmark = pytest.mark.skipif(
-    shutil.which("opendmarc") is None or shutil.which("unshare") is None
-    or os.geteuid() != 0,
+    not private_resolver_usable("opendmarc"),
     reason="needs Debian's opendmarc, unshare and root (private resolv.conf)")
 
 
@@ -124,27 +122,17 @@ def results(values: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def dns() -> Iterator[LoopbackDNS]:
-    resolver = ZoneResolver()
-    quiet = DNSLogger(logf=lambda _: None)
-    servers = [DNSServer(resolver, port=53, address=DNS_ADDRESS, tcp=tcp, logger=quiet)
-               for tcp in (False, True)]
-    for s in servers:
-        s.start_thread()
-    server = LoopbackDNS(resolver, 53)
-    server.address = DNS_ADDRESS
-    for case in [*CORPUS, *DIFFERENT]:
-        for name, value in (*BASE_RECORDS, *case.records):
-            if (name.lower(), "TXT") not in resolver.records or not any(
-                    value.encode()[:255] == bytes(r.data[0]) for r in
-                    resolver.records[(name.lower(), "TXT")]):
-                server.txt(name, value)
-    server.a("dept.spdomain.org", "192.0.2.1")
-    server.a("agency.psdomain.org", "192.0.2.1")
-    try:
+    with dns_server(DNS_ADDRESS, 53) as server:
+        resolver = server.resolver
+        for case in [*CORPUS, *DIFFERENT]:
+            for name, value in (*BASE_RECORDS, *case.records):
+                if (name.lower(), "TXT") not in resolver.records or not any(
+                        value.encode()[:255] == bytes(r.data[0]) for r in
+                        resolver.records[(name.lower(), "TXT")]):
+                    server.txt(name, value)
+        server.a("dept.spdomain.org", "192.0.2.1")
+        server.a("agency.psdomain.org", "192.0.2.1")
         yield server
-    finally:
-        for s in servers:
-            s.stop()
 
 
 Probe = Callable[[Case], str]
@@ -156,7 +144,6 @@ def milters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Itera
     factory = ProcessFactory()
     d = tmp_path_factory.mktemp("opendmarc")
     os.chmod(d, 0o755)
-    (d / "resolv.conf").write_text(f"nameserver {DNS_ADDRESS}\noptions timeout:2 attempts:1\n")
     (d / "ignore").write_text("")
     psl = Path(publicsuffixlist.__file__).parent / "public_suffix_list.dat"
     specs: dict[str, str] = {}
@@ -166,8 +153,8 @@ def milters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Itera
         f"TrustedAuthservIDs {AUTHSERV}\nPublicSuffixList {psl}\nSPFSelfValidate false\n"
         f"IgnoreHosts {d}/ignore\nRejectFailures false\nRequiredHeaders false\n"
         "Syslog false\nBackground false\n")
-    factory.start(["unshare", "-m", "sh", "-c", f"mount --bind {d}/resolv.conf "
-                   f"/etc/resolv.conf && exec opendmarc -f -c {d}/opendmarc.conf"], port)
+    factory.start(private_resolver_argv(d, DNS_ADDRESS, f"opendmarc -f -c {d}/opendmarc.conf"),
+                  port)
     specs["opendmarc"] = f"inet:{port}@127.0.0.1"
     for method in ("psl", "treewalk"):
         port = free_port()

@@ -154,16 +154,27 @@ class LoopbackDNS:
 
 
 @contextmanager
-def dns_server() -> Iterator[LoopbackDNS]:
-    resolver = ZoneResolver()
-    port = free_port()
+def serving(resolver: ZoneResolver, address: str, port: int) -> Iterator[None]:
+    """Answer from `resolver` on address:port, UDP and TCP, for the `with` block."""
     quiet = DNSLogger(logf=lambda _: None)  # dnslib prints every query otherwise
-    servers = [DNSServer(resolver, port=port, address="127.0.0.1", tcp=tcp, logger=quiet)
+    servers = [DNSServer(resolver, port=port, address=address, tcp=tcp, logger=quiet)
                for tcp in (False, True)]
     for s in servers:
         s.start_thread()
     try:
-        yield LoopbackDNS(resolver, port)
+        yield
     finally:
         for s in servers:
             s.stop()
+
+
+@contextmanager
+def dns_server(address: str = "127.0.0.1", port: int | None = None) -> Iterator[LoopbackDNS]:
+    """A loopback DNS server on a free port (or `port`, e.g. 53 on 127.0.0.153 for
+    programs that only read /etc/resolv.conf: see tests/support/namespace.py)."""
+    resolver = ZoneResolver()
+    port = free_port() if port is None else port
+    with serving(resolver, address, port):
+        server = LoopbackDNS(resolver, port)
+        server.address = address
+        yield server

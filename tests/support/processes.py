@@ -159,6 +159,12 @@ class ProcessFactory:
             mp.cleanup()
         self.processes.clear()
 
+    def __enter__(self) -> ProcessFactory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def add_socket_to_config(config_text: str, table: str, socket_spec: str) -> str:
     """Return TOML text whose [table] has `socket = socket_spec`.
