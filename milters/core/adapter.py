@@ -244,7 +244,7 @@ def _value(value: str, leadspc: bool) -> str:
 
 def adapter_class(runtime: Runtime, sessions: SessionCounter) -> type[Session]:
     """A Session subclass with exactly the callbacks this filter needs."""
-    needed = runtime.filter.needed_stages()
+    needed = runtime.needed
     bypass = bool(runtime.policy.bypass_recipients)
     ns: dict[str, Any] = {"runtime": runtime, "sessions": sessions,
                           "actions": action_flags(runtime)}

@@ -44,7 +44,7 @@ class Pipeline:
     def __init__(self, runtime: Runtime, conn: Connection) -> None:
         self.runtime = runtime
         self.conn = conn
-        self.needed = runtime.filter.needed_stages()
+        self.needed = runtime.needed
         self.conn_pending: list[Verdict] = []  # non-final decisions at connect/HELO
         self.tx_pending: list[Verdict] = []  # ... at MAIL/RCPT
         self.tx_notes: list[str] = []  # report-mode/bypass notes from early stages

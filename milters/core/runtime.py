@@ -8,10 +8,10 @@ never mutated.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from milters.core.config import Config
-from milters.core.filter import Env, Filter
+from milters.core.filter import Env, Filter, Stage
 from milters.core.policy import SitePolicy
 
 
@@ -23,6 +23,12 @@ class Runtime:
     # RFC 8601 §5: whether this filter removes every incoming field with our
     # authserv-id (it is first in chain order), see core/authresults.py.
     strip_all_forged: bool
+    # The SMTP stages this filter needs, worked out once (a checks filter walks its
+    # tables for it), not at every connection.
+    needed: Stage = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "needed", self.filter.needed_stages())
 
     @property
     def env(self) -> Env:
