@@ -80,8 +80,7 @@ def build_runtime(cfg: Config, name: str) -> Runtime:
         on_error=cfg.on_error_of(name),
         bypass_recipients=cfg.global_.bypass_recipients,
     )
-    first = enabled[0] if enabled else name
-    return Runtime(cfg, flt, policy, strip_all_forged=(first == name))
+    return Runtime(cfg, flt, policy)
 
 
 def sample_config() -> str:

@@ -4,9 +4,10 @@ Who removes forged fields: each of our filters is its own milter, and in Postfix
 every milter sees the header as changed by the milters before it, so a filter
 cannot tell a sibling's fresh field from a forged one by position alone. The rule:
 
-* the *first enabled filter in chain order* (`milters postfix-config` prints
-  `smtpd_milters` in that order) removes every incoming field that carries our
-  authserv-id, before any of our fields exist;
+* a filter with no filter of ours before it in chain order (Env.upstream empty:
+  the first enabled one, as `milters postfix-config` orders `smtpd_milters`)
+  removes every incoming field that carries our authserv-id, before any of our
+  fields exist;
 * every filter also removes incoming fields with our authserv-id that report a
   method it owns itself (a dkim result is only ever written by our dkim filter),
   so a misordered chain still never keeps a forged result for that method.

@@ -20,9 +20,6 @@ class Runtime:
     config: Config
     filter: Filter
     policy: SitePolicy
-    # RFC 8601 §5: whether this filter removes every incoming field with our
-    # authserv-id (it is first in chain order), see core/authresults.py.
-    strip_all_forged: bool
     # The SMTP stages this filter needs, worked out once (a checks filter walks its
     # tables for it), not at every connection.
     needed: Stage = field(init=False)
@@ -33,6 +30,12 @@ class Runtime:
     @property
     def env(self) -> Env:
         return self.filter.env
+
+    @property
+    def strip_all_forged(self) -> bool:
+        """RFC 8601 §5: this filter removes every incoming field with our authserv-id,
+        because no filter of ours runs before it (core/authresults.py, Env.upstream)."""
+        return not self.env.upstream
 
 
 class SessionCounter:

@@ -100,7 +100,7 @@ def main() -> int:
         env = Env(cfg.global_)
         flt = ScriptedFilter(cfg.filters["scripted"], env)
         policy = SitePolicy("scripted", mode, False, on_error, cfg.global_.bypass_recipients)
-        return Runtime(cfg, flt, policy, strip_all_forged=True)
+        return Runtime(cfg, flt, policy)
 
     return run_filter("scripted", cfg, build, lambda: cfg)  # type: ignore[arg-type]
 
