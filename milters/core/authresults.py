@@ -1,4 +1,9 @@
-"""The one Authentication-Results writer (RFC 8601), its parser and the forged-field remover.
+"""The one Authentication-Results writer (RFC 8601), its reader and the forged-field remover.
+
+One reader decides, for the remover and for every consumer alike, which
+authserv-id a field claims and what it reports (read_field, authserv_id_of): a
+field the remover keeps as foreign can never be read as ours downstream. The
+remover also removes what a careless reader could take for ours.
 
 Who removes forged fields: each of our filters is its own milter, and in Postfix
 every milter sees the header as changed by the milters before it, so a filter
@@ -15,12 +20,15 @@ cannot tell a sibling's fresh field from a forged one by position alone. The rul
 Our own fields are inserted at index 0, the very top of the header, above
 Postfix's Received field (RFC 8601 §5: the field goes above the Received field
 of the MTA that did the work, so that it can be told from older ones).
+authserv-ids compare without case and without a trailing root dot (normalize_id).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import authres
 
@@ -31,7 +39,7 @@ FIELD_NAME = "Authentication-Results"
 
 # RFC 2045 token: what may stand unquoted as an RFC 8601 `value`.
 _TOKEN = re.compile(r'^[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+$')
-_COMMENT = re.compile(r"\((?:[^()\\]|\\.)*\)")
+_METHOD_LIKE = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(?:/\s*\d+\s*)?=")
 
 
 def quote_value(value: str) -> str:
@@ -84,39 +92,24 @@ def fold(value: str, name: str = FIELD_NAME, width: int = 78) -> str:
     return "\n\t".join(out)
 
 
-def authserv_id_of(value: str | bytes) -> str | None:
-    """The authserv-id a field claims, lower-cased; None if it has none we can read."""
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    text = " ".join(text.split())
-    head = text.split(";", 1)[0]
-    if not any(c in head for c in '"\\()'):
-        # The common case: a plain token first (authres's full parse costs ~0.7 ms).
-        words = head.split()
-        return words[0].lower() if words else None
-    try:
-        parsed = authres.parse_value(text)
-        return str(parsed.authserv_id).lower() if parsed.authserv_id else None
-    except authres.AuthResError:
-        pass
-    # Unparseable results must not hide a forged authserv-id: read up to the first ';'.
-    head = _COMMENT.sub(" ", text.split(";", 1)[0]).strip()
-    if head.startswith('"') and head.endswith('"') and len(head) > 1:
-        head = head[1:-1]
-    head = head.split()[0] if head.split() else ""
-    return head.lower() or None
-
-
 def methods_of(value: str | bytes) -> set[str]:
-    """Method names a field reports (dkim, spf...), best effort on broken fields."""
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    text = _COMMENT.sub(" ", " ".join(text.split()))
-    parts = text.split(";")[1:]
-    found = set()
-    for part in parts:
-        m = re.match(r"\s*([A-Za-z0-9_-]+)\s*(?:/\s*\d+\s*)?=", part)
+    """Method names a field reports (dkim, spf...): what the grammar reads, and on a
+    broken field whatever looks like `method=` after a ';' (removal errs on the wide side)."""
+    text = _text(value)
+    field = read_field(text)
+    found = {r.method for r in field.results} if field and field.results is not None else set()
+    for part in text.split(";")[1:]:
+        m = _METHOD_LIKE.match(part)
         if m:
             found.add(m.group(1).lower())
     return found
+
+
+def is_ours(value: str | bytes, authserv_id: str) -> bool:
+    """Does this field claim our authserv-id, to the grammar or to a careless reader?"""
+    ours = normalize_id(authserv_id)
+    text = _text(value)
+    return authserv_id_of(text) == ours or _claimed_id(text) == ours
 
 
 def forged_fields(
@@ -130,73 +123,266 @@ def forged_fields(
     `remove_all`: this filter is first in the chain and removes every field with our
     authserv-id; otherwise only those reporting a method in `owned_methods`.
     """
-    ours = authserv_id.lower()
     occurrence = 0
     doomed = []
     for h in headers:
         if h.name.lower() != FIELD_NAME.lower():
             continue
         occurrence += 1
-        if authserv_id_of(h.value) != ours:
+        if not is_ours(h.value, authserv_id):
             continue
         if remove_all or methods_of(h.value) & owned_methods:
             doomed.append(occurrence)
     return doomed
 
 
-_WORD = re.compile(r'[^\s"]*"(?:[^"\\]|\\.)*"|\S+')
-_RESINFO = re.compile(r"([A-Za-z0-9_-]+)\s*(?:/\s*\d+\s*)?=\s*([A-Za-z0-9_-]+)$")
-_PROP = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)=(.*)$", re.S)
+# ---------------------------------------------------------------------------
+# The one reader of incoming fields (RFC 8601 §2.2). The remover and every
+# consumer decide "whose field is this" with the same function, so no field can
+# be kept as foreign by one and trusted as ours by the other.
+#
+# It is a linear scanner: comments nest (RFC 5322 §3.2.2) but are skipped with a
+# depth counter, never by recursion, and a field longer than MAX_FIELD is not
+# read for results at all (Postfix's header_size_limit is 100 KiB by default).
 
-ArResult = tuple[str, str, dict[str, str]]  # method, result, {"header.d": value...}
+MAX_FIELD = 64 * 1024
+# Trusted fields read in full per message: our own filters write one each, an
+# upstream host of trust a few; thousands are an attack, not mail.
+MAX_TRUSTED_FIELDS = 16
 
-
-def parse_results(text: str) -> tuple[str, list[ArResult]] | None:
-    """The authserv-id (lower case) and the results of an AR field value (RFC 8601 §2.2).
-
-    A small parser for what a consumer of results reads (method, result,
-    ptype.property=value): authres's full grammar costs about 0.8 ms a field, more
-    than the rest of a DMARC evaluation. Fields it cannot read are handed to
-    authres; None if neither can.
-    """
-    flat = " ".join(text.split())
-    stripped = _COMMENT.sub(" ", flat)
-    if "(" in stripped or ")" in stripped:  # nested comments: the full grammar
-        return _parse_ar_authres(flat)
-    parts = stripped.split(";")
-    head = parts[0].split()
-    if not head:
-        return None
-    aid = head[0].strip('"').lower()
-    results: list[ArResult] = []
-    for part in parts[1:]:
-        tokens = _WORD.findall(part)
-        if not tokens:
-            continue
-        if len(tokens) >= 3 and tokens[1] == "=":  # "dkim = pass": spaces around "="
-            tokens = [tokens[0] + "=" + tokens[2], *tokens[3:]]
-        m = _RESINFO.match(tokens[0])
-        if m is None:
-            if tokens == ["none"]:
-                continue  # RFC 8601 §2.2: no results
-            return _parse_ar_authres(flat)
-        props: dict[str, str] = {}
-        for tok in tokens[1:]:
-            pm = _PROP.match(tok)
-            if pm is not None:
-                props[f"{pm.group(1).lower()}.{pm.group(2).lower()}"] = pm.group(3).strip('"')
-        results.append((m.group(1).lower(), m.group(2).lower(), props))
-    return aid, results
+_FWS = re.compile(r"[ \t\r\n]*")
+_CTEXT = re.compile(r"[^()\\]+")
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"', re.S)
+_ID_TOKEN = re.compile(r'[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+')
+_DIGITS = re.compile(r"[0-9]+")
+_KEYWORD = re.compile(r"[A-Za-z0-9_-]+")
+_PVALUE = re.compile(r'[^\s;()"]+')
+_UNQUOTE = re.compile(r"\\(.)", re.S)
+_CARELESS_ID = re.compile(r'[\s"]*([^\s;"(]+)')
 
 
-def _parse_ar_authres(text: str) -> tuple[str, list[ArResult]] | None:
+class _Malformed(Exception):
+    """The field does not follow RFC 8601's grammar at this point."""
+
+
+class _Scanner:
+    """A position in a field value, with the CFWS rules of RFC 5322 §3.2.2."""
+
+    __slots__ = ("pos", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def cfws(self) -> bool:
+        """Skip folding white space and (nested) comments; True if anything was skipped."""
+        start = self.pos
+        text = self.text
+        while True:
+            self.pos = _FWS.match(text, self.pos).end()  # type: ignore[union-attr]
+            if self.pos >= len(text) or text[self.pos] != "(":
+                return self.pos > start
+            depth = 0
+            while True:  # a comment: ctext, quoted-pairs, nested comments
+                if self.pos >= len(text):
+                    raise _Malformed("unterminated comment")
+                c = text[self.pos]
+                if c == "(":
+                    depth += 1
+                    self.pos += 1
+                elif c == ")":
+                    depth -= 1
+                    self.pos += 1
+                    if depth == 0:
+                        break
+                elif c == "\\":
+                    self.pos += 2
+                else:
+                    self.pos = _CTEXT.match(text, self.pos).end()  # type: ignore[union-attr]
+
+    def take(self, pattern: re.Pattern[str]) -> str | None:
+        m = pattern.match(self.text, self.pos)
+        if m is None or m.end() == self.pos:
+            return None
+        self.pos = m.end()
+        return m.group(0)
+
+    def char(self, c: str) -> bool:
+        if self.text.startswith(c, self.pos):
+            self.pos += 1
+            return True
+        return False
+
+    def value(self) -> str | None:
+        """RFC 2045 `value`: a token, or a quoted-string (returned unquoted)."""
+        m = _QUOTED.match(self.text, self.pos)
+        if m is not None:
+            self.pos = m.end()
+            return _UNQUOTE.sub(r"\1", m.group(1))
+        return self.take(_ID_TOKEN)
+
+    def keyword(self) -> str:
+        word = self.take(_KEYWORD)
+        if word is None:
+            raise _Malformed("keyword expected")
+        return word.lower()
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+
+def normalize_id(authserv_id: str) -> str:
+    """How authserv-ids compare: without case, and a trailing root dot is the same name."""
+    ident = authserv_id.strip().lower()
+    return ident[:-1] if ident.endswith(".") and len(ident) > 1 else ident
+
+
+class ArResult(NamedTuple):
+    """One resinfo: `method=result` and its `ptype.property` values (lower-case keys)."""
+
+    method: str
+    result: str
+    props: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ArField:
+    """An incoming field as read: its authserv-id and, if the rest is well formed, results."""
+
+    authserv_id: str  # normalized (normalize_id)
+    results: tuple[ArResult, ...] | None  # None: malformed, to be believed by no one
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _read_id(s: _Scanner) -> str | None:
     try:
-        parsed = authres.parse_value(text)
-    except authres.AuthResError:
+        s.cfws()
+    except _Malformed:
         return None
-    if not parsed.authserv_id:
+    ident = s.value()
+    return normalize_id(ident) if ident else None
+
+
+def _claimed_id(text: str) -> str | None:
+    """What a careless reader could take for the authserv-id: the first word, quotes
+    set aside. The grammar reads nothing in `"mx.example.com; dkim=pass` (the quote
+    never closes), but a lenient reader downstream might: removal looks at both."""
+    m = _CARELESS_ID.match(text)
+    return normalize_id(m.group(1)) if m else None
+
+
+def authserv_id_of(value: str | bytes) -> str | None:
+    """The authserv-id a field claims (normalize_id), as the grammar reads it; None if none."""
+    return _read_id(_Scanner(_text(value)))
+
+
+def read_field(value: str | bytes) -> ArField | None:
+    """Read a field value in full (RFC 8601 §2.2); None if not even its authserv-id reads."""
+    text = _text(value)
+    s = _Scanner(text)
+    ident = _read_id(s)
+    if ident is None:
         return None
-    results = [(str(r.method).lower(), str(r.result).lower(),
-                {f"{str(p.type).lower()}.{str(p.name).lower()}": str(p.value)
-                 for p in r.properties}) for r in parsed.results]
-    return str(parsed.authserv_id).lower(), results
+    if len(text) > MAX_FIELD:
+        return ArField(ident, None)
+    try:
+        return ArField(ident, _read_results(s))
+    except _Malformed:
+        return ArField(ident, None)
+
+
+def _read_results(s: _Scanner) -> tuple[ArResult, ...]:
+    # [CFWS authres-version] then no-result / 1*resinfo, then [CFWS] to the end.
+    if s.cfws():
+        s.take(_DIGITS)  # authres-version
+        s.cfws()
+    results: list[ArResult] = []
+    if not s.char(";"):
+        raise _Malformed("';' expected after the authserv-id")
+    while True:
+        s.cfws()
+        if s.at_end():
+            break  # a trailing ';' is common and harmless
+        method = s.keyword()
+        s.cfws()
+        if method == "none" and not results and s.at_end():
+            break  # no-result: "; none" and nothing else
+        if s.char("/"):  # method-version
+            s.cfws()
+            if s.take(_DIGITS) is None:
+                raise _Malformed("method version expected")
+            s.cfws()
+        if not s.char("="):
+            raise _Malformed("'=' expected after the method")
+        s.cfws()
+        result = s.keyword()
+        results.append(ArResult(method, result, _read_props(s)))
+        if s.at_end():
+            break
+        if not s.char(";"):
+            raise _Malformed("';' expected between results")
+    return tuple(results)
+
+
+def _read_props(s: _Scanner) -> dict[str, str]:
+    props: dict[str, str] = {}
+    while True:
+        s.cfws()
+        if s.at_end() or s.text.startswith(";", s.pos):
+            return props
+        ptype = s.keyword()
+        s.cfws()
+        if ptype == "reason" and s.char("="):  # reasonspec
+            s.cfws()
+            if s.value() is None:
+                raise _Malformed("reason value expected")
+            continue
+        if not s.char("."):
+            raise _Malformed("'.' expected in a property")
+        s.cfws()
+        prop = s.keyword()
+        s.cfws()
+        if not s.char("="):
+            raise _Malformed("'=' expected in a property")
+        s.cfws()
+        m = _QUOTED.match(s.text, s.pos)
+        if m is not None:
+            s.pos = m.end()
+            pvalue = _UNQUOTE.sub(r"\1", m.group(1))
+        else:
+            raw = s.take(_PVALUE)
+            if raw is None:
+                raise _Malformed("property value expected")
+            pvalue = raw
+        props.setdefault(f"{ptype}.{prop}", pvalue)
+
+
+def parse_results(value: str | bytes) -> tuple[str, list[ArResult]] | None:
+    """The authserv-id and results of a well-formed field; None for anything else."""
+    field = read_field(value)
+    if field is None or field.results is None:
+        return None
+    return field.authserv_id, list(field.results)
+
+
+def trusted_results(values: Iterable[bytes], trusted_ids: Collection[str],
+                    limit: int = MAX_TRUSTED_FIELDS) -> Iterator[ArField]:
+    """The well-formed fields whose authserv-id is trusted, at most `limit` of them.
+
+    Only the authserv-id of every field is read; the full grammar runs on trusted
+    fields only, so thousands of foreign fields cost a prefix scan each.
+    """
+    trusted = {normalize_id(i) for i in trusted_ids}
+    taken = 0
+    for value in values:
+        if taken >= limit:
+            return
+        if authserv_id_of(value) not in trusted:
+            continue
+        field = read_field(value)
+        if field is not None and field.results is not None:
+            taken += 1
+            yield field

@@ -85,9 +85,12 @@ class DmarcFilter(Filter):
             raise TypeError("DmarcFilter needs DmarcSettings")
         super().__init__(settings, env)
         self.dmarc: DmarcSettings = settings
-        own = env.global_.authserv_id.lower()
+        own = authresults.normalize_id(env.global_.authserv_id)
         self.own_id = own
-        self.trusted_ids = frozenset(x.lower() for x in settings.trusted_authserv_ids) or {own}
+        # Our own id is always trusted (for what our filters upstream wrote); the
+        # setting adds the ids of upstream hosts whose results we also believe.
+        self.trusted_ids = frozenset(
+            {own, *(authresults.normalize_id(x) for x in settings.trusted_authserv_ids)})
         self.history: HistoryStore | None = open_history(settings.history)
 
     def shutdown(self) -> None:
@@ -112,13 +115,11 @@ class DmarcFilter(Filter):
         dkim: list[DkimInput] | None = None
         spf: SpfInput | None = None
         spf_seen = False
-        for value in tx.header_values(authresults.FIELD_NAME):
-            parsed = authresults.parse_results(value.decode("utf-8", "replace"))
-            if parsed is None:
-                continue
-            aid, results = parsed
-            for method, result, props in results:
-                if method not in ("dkim", "spf") or not self._trusted(aid, method):
+        fields = authresults.trusted_results(tx.header_values(authresults.FIELD_NAME),
+                                             self.trusted_ids)
+        for field in fields:
+            for method, result, props in field.results or ():
+                if method not in ("dkim", "spf") or not self._trusted(field.authserv_id, method):
                     continue
                 if method == "dkim":
                     dkim = dkim or []

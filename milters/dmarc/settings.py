@@ -41,8 +41,9 @@ class DmarcSettings(FilterSettings):
     )
     trusted_authserv_ids: tuple[str, ...] = setting(
         (),
-        "Authentication-Results authserv-ids whose dkim/spf results are used; empty: "
-        "our own [global] authserv_id, which only our upstream filters can write",
+        "authserv-ids of upstream hosts whose Authentication-Results dkim/spf results "
+        "are also used; our own [global] authserv_id is always trusted (only our "
+        "upstream filters can write it)",
     )
     self_validate: bool = setting(
         True, "verify DKIM and evaluate SPF here when no trusted result is present"

@@ -10,8 +10,6 @@ from typing import Any
 
 import pytest
 
-from milters.core.authresults import _parse_ar_authres
-from milters.core.authresults import parse_results as parse_ar
 from milters.core.config import DnsSettings, GlobalSettings
 from milters.core.dkim_verify import dkim_headers
 from milters.core.filter import Env
@@ -174,19 +172,6 @@ def test_history_row(make: Make, reject_policy: LoopbackDNS, tmp_path: Path) -> 
     assert e.dkim == (("example.com", "sel", "pass"), ("other.example", "s2", "fail"))
     assert (e.result, e.policy, e.disposition, e.dkim_aligned, e.p) == (
         "pass", "reject", "none", True, "reject")
-
-
-@pytest.mark.parametrize("value", [
-    "mx.test.example; dkim=pass (good sig) header.d=example.com header.s=sel; "
-    "spf=pass smtp.mailfrom=a@example.com",
-    'mx; dkim=fail reason="bad body hash" header.d=x.example header.s=s; spf=none',
-    "mx (c (nested)); dkim=pass header.d=a.example",
-    "mx; dkim = pass header.d=b.example",
-    "mx 1; spf/1=pass smtp.mailfrom=c.example",
-    "mx; none",
-])
-def test_fast_ar_parser_agrees_with_authres(value: str) -> None:
-    assert parse_ar(value) == _parse_ar_authres(value)
 
 
 def test_unreadable_ar_is_ignored(make: Make, reject_policy: LoopbackDNS) -> None:
