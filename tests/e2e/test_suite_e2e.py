@@ -199,6 +199,50 @@ def test_forged_dmarc_pass_from_outside_is_removed_and_ignored(
     assert "pass" not in ar_text(fields)
 
 
+# Issue 9: every way of writing our authserv-id (quoting, case, comments, version,
+# folding, trailing dot), each claiming dkim, spf and dmarc pass for the domain.
+FORGED_AR_FORMS = {
+    "plain": "{id}; {res}",
+    "upper": "{ID}; {res}",
+    "quoted": '"{id}"; {res}',
+    "quoted-version": '"{id}" 1; {res}',
+    "quoted-comment-semicolon": '"{id}" (relay; checked); {res}',
+    "comment-before-upper-quoted": '(a;b) "{ID}"; {res}',
+    "nested-comments": "(a (b; c) d) {id} (e (f)); {res}",
+    "folded": "\r\n\t{id}\r\n\t1;\r\n\t{res}",
+    "trailing-dot": "{id}.; {res}",
+    "quoted-trailing-dot-upper": '"{ID}."; {res}',
+    "method-versions": "{id}; dkim/1 = pass header.d={d}; spf/1=pass smtp.mailfrom={d}",
+    "broken-after-id": "{id}; {res}; ???",
+}
+
+
+@pytest.mark.parametrize("form", sorted(FORGED_AR_FORMS))
+def test_forged_ar_matrix_never_gives_dmarc_pass(postfix: PostfixInstance, suite: Suite,
+                                                 form: str) -> None:
+    def forged(domain: str) -> str:
+        res = (f"dkim=pass header.d={domain}; spf=pass smtp.mailfrom={domain}; "
+               f"dmarc=pass header.from={domain}")
+        value = FORGED_AR_FORMS[form].format(id=AUTHSERV_ID, ID=AUTHSERV_ID.upper(),
+                                             res=res, d=domain)
+        return f"Authentication-Results: {value}\r\n"
+
+    refused = postfix.send(f"bounce@{REJECTING}", [RCPT],
+                           message(REJECTING, f"forged {form}", forged(REJECTING)),
+                           xclient=OUTSIDE)
+    assert refused.data is not None and refused.data.code == 550, refused
+    nopolicy = "nopolicy.example"
+    result = postfix.send(f"bounce@{nopolicy}", [RCPT],
+                          message(nopolicy, f"forged2 {form}", forged(nopolicy)),
+                          xclient=OUTSIDE)
+    assert result.accepted, result
+    [msg] = postfix.wait_delivered(1)
+    fields = msg.get_all("Authentication-Results")
+    # Only our three fresh results are left: the forged field is not delivered.
+    assert all_results(fields) == {"dkim": ["none"], "spf": ["none"], "dmarc": ["none"]}, fields
+    assert "pass" not in ar_text(fields)
+
+
 # --- the other refusals -----------------------------------------------------------
 
 
