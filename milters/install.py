@@ -110,12 +110,15 @@ def postfix_master_cf() -> str:
     return """\
 # milters: in /etc/postfix/master.cf, add the last -o line to the submission
 # service (and to submissions, port 465, if you use it), then `postfix reload`.
-# Its daemon name ORIGINATING marks mail submitted there as ours: DKIM signs it
-# ([dkim] sign_daemons) and the inbound checks leave it alone.
+# Its daemon name ORIGINATING makes the dkim filter sign mail submitted there
+# ([dkim] sign_daemons). The inbound checks (spf, dmarc) skip only clients that
+# authenticated with SASL or sit in [global] internal_networks, not a daemon
+# name: so let only authenticated users submit there (the restrictions line).
 submission inet n       -       y       -       -       smtpd
   -o syslog_name=postfix/submission
   -o smtpd_tls_security_level=encrypt
   -o smtpd_sasl_auth_enable=yes
+  -o smtpd_client_restrictions=permit_sasl_authenticated,reject
   -o milter_macro_daemon_name=ORIGINATING
 """
 

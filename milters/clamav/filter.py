@@ -124,20 +124,26 @@ class ClamavFilter(Filter):
         reason = f"not scanned: {size} bytes over max_scan_size {self.clamav.max_scan_size}"
         if self.clamav.on_oversize == "tempfail":
             return Verdict(Action.TEMPFAIL, reply=REPLY_TOO_LARGE, reason=reason)
-        edits = self._headers(tx, "Not scanned (message too large)", always=True)
+        edits = self._headers(tx, "Not scanned (message too large)", always=True,
+                              scanned=False)
         return Verdict(reason=reason, header_edits=edits)
 
     def _failed(self, tx: Transaction, notes: tuple[str, ...]) -> Verdict:
         if self.clamav.on_fail == "accept":
-            edits = self._headers(tx, "Not scanned (scanner unavailable)", always=True)
+            edits = self._headers(tx, "Not scanned (scanner unavailable)", always=True,
+                                  scanned=False)
             return Verdict(reason="not scanned: no clamd answered, accepted per on_fail",
                            header_edits=edits, log_notes=notes)
         return Verdict(Action.TEMPFAIL, reply=REPLY_SCANNER_DOWN,
                        reason="not scanned: no clamd answered", log_notes=notes)
 
-    def _headers(self, tx: Transaction, status: str,
-                 always: bool = False) -> tuple[HeaderEdit, ...]:
-        """X-Virus-Scanned and X-Virus-Status, as clamav-milter's AddHeader writes them."""
+    def _headers(self, tx: Transaction, status: str, always: bool = False,
+                 scanned: bool = True) -> tuple[HeaderEdit, ...]:
+        """X-Virus-Scanned and X-Virus-Status, as clamav-milter's AddHeader writes them.
+
+        Mail that was not scanned gets X-Virus-Status only: an X-Virus-Scanned
+        field would claim a scan that did not happen.
+        """
         mode = self.clamav.add_headers
         if mode == "no":
             if not always:
@@ -145,14 +151,17 @@ class ClamavFilter(Filter):
             mode = "replace"  # a tag must not sit next to a forged one
         if mode == "add":
             # clamav-milter's "Add": inserted at the top, incoming ones kept.
-            return (HeaderEdit(EditKind.INSERT, STATUS_HEADER, status, 0),
-                    HeaderEdit(EditKind.INSERT, SCANNED_HEADER, self.scanned_value, 0))
-        edits: list[HeaderEdit] = []
+            edits = [HeaderEdit(EditKind.INSERT, STATUS_HEADER, status, 0)]
+            if scanned:
+                edits.append(HeaderEdit(EditKind.INSERT, SCANNED_HEADER, self.scanned_value, 0))
+            return tuple(edits)
+        edits = []
         for name in (SCANNED_HEADER, STATUS_HEADER):
             count = len(tx.header_values(name))
             edits += [HeaderEdit(EditKind.DELETE, name, index=i) for i in range(count, 0, -1)]
-        edits += [HeaderEdit(EditKind.ADD, SCANNED_HEADER, self.scanned_value),
-                  HeaderEdit(EditKind.ADD, STATUS_HEADER, status)]
+        if scanned:
+            edits.append(HeaderEdit(EditKind.ADD, SCANNED_HEADER, self.scanned_value))
+        edits.append(HeaderEdit(EditKind.ADD, STATUS_HEADER, status))
         return tuple(edits)
 
     # --- back ends ------------------------------------------------------------

@@ -121,6 +121,7 @@ def test_clamd_down(start: Start) -> None:
     r = send(start('on_fail = "accept"', sockets=(dead,)), message())
     assert r.verdict == "accept"
     assert added(r)["X-Virus-Status"] == "Not scanned (scanner unavailable)"
+    assert "X-Virus-Scanned" not in added(r)  # no scan happened: claim none
 
 
 def test_failover_to_the_unix_socket(start: Start, clamd: Clamd) -> None:
@@ -134,6 +135,7 @@ def test_oversize(start: Start) -> None:
     r = send(start("max_scan_size = 20000"), big)
     assert r.verdict == "accept"
     assert added(r)["X-Virus-Status"] == "Not scanned (message too large)"
+    assert "X-Virus-Scanned" not in added(r)
     r = send(start('max_scan_size = 20000\non_oversize = "tempfail"'), big)
     assert r.verdict == "tempfail" and r.smtp_reply.startswith("451 4.3.4 ")
 

@@ -188,6 +188,8 @@ def test_oversize_accepted_not_scanned(clamav: FilterFactory) -> None:
     assert v.action is Action.ACCEPT
     assert status(v) == "Not scanned (message too large)"
     assert "over max_scan_size 10000" in v.reason
+    assert [e.name for e in v.header_edits if e.kind is not EditKind.DELETE] == [
+        "X-Virus-Status"]  # X-Virus-Scanned would claim a scan that did not happen
 
 
 def test_oversize_tempfail(clamav: FilterFactory) -> None:
