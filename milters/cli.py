@@ -310,7 +310,9 @@ def _add_dkim(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             strings of at most 255 bytes (some DNS servers refuse longer ones).
             Existing files are never overwritten. Then point [dkim] at the key:
             domain, selector and key_file (or a key_table line), and run testkey
-            once the record is published. RSA keys are made by `openssl genrsa`."""),
+            once the record is published. Keys are made in-process by the
+            cryptography package (OpenSSL); no openssl command is run. DIR must
+            exist (it is not created: its owner and mode are yours to choose)."""),
     )
     g.add_argument("--domain", required=True, metavar="DOMAIN", help="the signing domain (d=)")
     g.add_argument("--selector", required=True, metavar="SELECTOR",

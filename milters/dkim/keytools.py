@@ -76,6 +76,10 @@ def genkey(domain: str, selector: str, algorithm: str = "rsa", bits: int = 2048,
            directory: str = ".") -> GeneratedKey:
     """Write DIR/SELECTOR.private (0600) and DIR/SELECTOR.txt; never overwrite."""
     d = Path(directory)
+    if not d.is_dir():
+        # Not created here: who owns the key directory, and its mode, is the
+        # administrator's choice (README: /etc/milters/dkim, 0750 milters).
+        raise MiltersError(f"{d}: no such directory; create it first (--dir)")
     private_path = d / f"{selector}.private"
     txt_path = d / f"{selector}.txt"
     for p in (private_path, txt_path):

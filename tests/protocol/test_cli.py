@@ -119,3 +119,18 @@ def test_serve_restarts_a_dead_filter_and_stops_cleanly(tmp_path: Path) -> None:
         assert not port_accepts(port)
     finally:
         factory.close()
+
+
+def test_genkey_into_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir"
+    out = milters("dkim", "genkey", "--domain", "example.com", "--selector", "s",
+                  "--dir", str(missing))
+    assert out.returncode != 0
+    assert "Traceback" not in out.stderr
+    assert f"{missing}: no such directory" in out.stderr
+    assert not missing.exists()
+
+
+def test_genkey_help_names_no_openssl_command() -> None:
+    out = milters("dkim", "genkey", "--help")
+    assert out.returncode == 0 and "openssl genrsa" not in out.stdout
