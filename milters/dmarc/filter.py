@@ -63,6 +63,14 @@ def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].strip().strip("<>").rstrip(".").lower()
 
 
+def _storable(text: str) -> str:
+    """Client-given text as the history can store it: bytes that were not UTF-8 reach
+    us as surrogate escapes, which no database encoding takes (one such row would
+    fail the whole batch it is written in)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace(
+        "\ufffd", "?")
+
+
 class DmarcFilter(Filter):
     """DMARC (RFC 9989) evaluation, history and aggregate reports, replacing OpenDMARC.
 
@@ -233,10 +241,10 @@ class DmarcFilter(Filter):
             time=int(time.time()),
             source_ip=tx.connection.client_addr,
             header_from=ev.header_from_domain,
-            envelope_from=_domain_of(tx.mail_from) if tx.mail_from else "",
-            envelope_to=_domain_of(tx.rcpt_to[0]) if tx.rcpt_to else "",
-            dkim=tuple((d.domain, d.selector, d.result) for d in dkim),
-            spf_domain=spf.domain if spf else "",
+            envelope_from=_storable(_domain_of(tx.mail_from)) if tx.mail_from else "",
+            envelope_to=_storable(_domain_of(tx.rcpt_to[0])) if tx.rcpt_to else "",
+            dkim=tuple((_storable(d.domain), _storable(d.selector), d.result) for d in dkim),
+            spf_domain=_storable(spf.domain) if spf else "",
             spf_result=spf.result if spf else "none",
             policy_domain=ev.policy_domain, p=r.p, sp=r.sp, np=r.np, adkim=r.adkim,
             aspf=r.aspf, testing=r.t, discovery=ev.discovery, fo=r.fo, rua=r.rua,

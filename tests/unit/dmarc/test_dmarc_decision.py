@@ -272,3 +272,23 @@ def test_unreadable_ar_is_ignored(make: Make, reject_policy: LoopbackDNS) -> Non
     raw = with_ar(f"{AUTHSERV}; dkim=pass header.d=example.com; ???")
     v = make(upstream=("dkim",), self_validate=False).check(transaction(raw))
     assert dmarc_of(v)[0] == "fail"
+
+
+def test_8bit_junk_in_envelope_is_a_defined_answer(make: Make, reject_policy: LoopbackDNS,
+                                                  tmp_path: Path) -> None:
+    """Issue 9: invalid UTF-8 in MAIL FROM or HELO reaches dmarc as surrogate escapes
+    (the adapter decodes with surrogateescape): SPF is none (RFC 7208 §4.3, a
+    malformed domain), DMARC goes on, the history row is written."""
+    flt = make(reject_failures=True)
+    for mail_from, helo in (("a@b\udcff.example", "mail.example.net"),
+                            ("", "h\udcff\udcfe.example"),
+                            ("\udcff@example.com", "\udcff")):
+        tx = transaction(MSG)
+        tx.mail_from = mail_from
+        tx.connection.helo = helo
+        v = flt.check(tx)
+        assert v.action is Action.REJECT and dmarc_of(v)[0] == "fail", (mail_from, helo)
+    assert flt.history is not None
+    flt.history.close()
+    rows = SqliteHistory(str(tmp_path / "history.sqlite")).entries(0, 2**40)
+    assert [r.envelope_from for r in rows] == ["b?.example", "", "example.com"]
