@@ -60,8 +60,8 @@ class _Query(spf.query):  # type: ignore[misc]  # pyspf has no type hints
         limit unless `ignore_void`. dnspython follows CNAMEs itself.
         """
         text = str(name).rstrip(".").lower()
-        if not text or not all(0 < len(label) < 64 for label in text.split(".")):
-            return []  # not a valid DNS name: nothing to find
+        if not _is_dns_name(text):
+            return []  # not a valid DNS name (a macro may expand to 8-bit junk): nothing to find
         key = (text, qtype)
         cached: list[Any] = self.cache.get(key, [])
         if cached:
@@ -128,6 +128,13 @@ def check_host(ip: str, sender: str, helo: str, resolver: Resolver,
     """
     if not sender:
         return check_helo(ip, helo, resolver, receiver)
+    domain = sender.rpartition("@")[2].rstrip(".")
+    if not _is_domain(domain) or not _is_dns_name(domain):
+        # RFC 7208 §4.3: a malformed <domain> (bad labels, not multi-label, or
+        # bytes that were not UTF-8: the adapter keeps them as surrogate escapes)
+        # makes check_host() return "none" at once, before any DNS query.
+        return SpfOutcome("none", "mailfrom", domain, sender,
+                          "MAIL FROM domain is not a valid domain name")
     return _evaluate(ip, sender, helo, resolver, receiver)
 
 
@@ -135,7 +142,7 @@ def check_helo(ip: str, helo: str, resolver: Resolver,
                receiver: str = "unknown") -> SpfOutcome:
     """RFC 7208 §2.3: check_host() of the HELO name, as postmaster@HELO."""
     name = helo.strip().rstrip(".")
-    if not _is_domain(name):
+    if not _is_domain(name) or not _is_dns_name(name):
         # §2.3/§4.3: an address literal or a name that is not a FQDN has no SPF
         return SpfOutcome("none", "helo", name, f"postmaster@{name}" if name else "",
                           "HELO name is not a domain name")
@@ -166,3 +173,17 @@ def _is_domain(name: str) -> bool:
     if not name or name.startswith("[") or "." not in name:
         return False
     return all(0 < len(label) < 64 for label in name.split("."))
+
+
+def _is_dns_name(name: str) -> bool:
+    """Can `name` be asked in DNS: ASCII labels of 1 to 63 octets (an IDN in its
+    A-label form), 253 octets in all. A U-label name is converted to see; a name
+    with surrogate-escaped bytes (invalid UTF-8 on the wire) never converts."""
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return False
+    labels = name.split(".")
+    return len(name) <= 253 and all(0 < len(label) < 64 and label.isprintable()
+                                    for label in labels)

@@ -7,12 +7,12 @@ is how keys rotate. check() holds its per-message state in locals only.
 
 from __future__ import annotations
 
-import email.utils
 import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
+from milters.core.addresses import parse_address_list
 from milters.core.config import FilterSettings
 from milters.core.dkim_verify import FAIL, PASS, PERMERROR, TEMPERROR, dkim_headers, verify_all
 from milters.core.errors import ConfigError
@@ -220,7 +220,7 @@ def _single_address(tx: Transaction, name: str) -> str:
     if len(values) != 1:
         return ""
     text = values[0].decode("utf-8", "replace").replace("\n", " ")
-    addresses = [a for _, a in email.utils.getaddresses([text]) if "@" in a]
+    addresses = [m.address for m in parse_address_list(text).mailboxes]
     return addresses[0] if len(addresses) == 1 else ""
 
 

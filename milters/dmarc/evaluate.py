@@ -11,18 +11,19 @@ policy is not asked again for alignment.
 
 from __future__ import annotations
 
-import email.utils
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from types import MappingProxyType
 from typing import Literal, Protocol
 
 from publicsuffixlist import PublicSuffixList
 
+from milters.core.addresses import parse_address_list, salvage_domains
 from milters.core.errors import PermError, TempError
 from milters.core.model import Header
-from milters.dmarc.record import DmarcRecord, is_dmarc, parse_record
+from milters.dmarc.record import DmarcRecord, UnusableRecord, is_dmarc, parse_record
 
 Discovery = Literal["treewalk", "psl"]
 
@@ -31,6 +32,9 @@ PASS, FAIL, NONE, TEMPERROR, PERMERROR = "pass", "fail", "none", "temperror", "p
 
 # RFC 9989 (DNS Tree Walk): a Tree Walk never takes more than eight queries.
 MAX_TREE_WALK_QUERIES = 8
+# RFC 9989 §11.5: evaluating many Author Domains is a denial-of-service risk;
+# "limiting the number of Author Domains processed will avoid this risk".
+MAX_AUTHOR_DOMAINS = 10
 _LABEL = re.compile(r"^(?!-)[a-z0-9_-]{1,63}(?<!-)$")
 
 
@@ -61,7 +65,9 @@ class DkimInput:
 
 @dataclass(frozen=True)
 class SpfInput:
-    """The SPF result for the RFC5321.MailFrom identity (RFC 9989 does not use HELO)."""
+    """The SPF result for the MAIL FROM identity: RFC 9989 §3.2.4 "relies solely on SPF
+    validation of the MAIL FROM identity", which for a null reverse-path is
+    postmaster@HELO (RFC 7208 §2.4), so `domain` is then the HELO name."""
 
     result: str
     domain: str
@@ -113,23 +119,74 @@ def normalize_domain(domain: str) -> str:
     return ascii_
 
 
-def header_from_domain(headers: Sequence[Header]) -> str:
-    """The RFC5322.From domain; BadFrom unless exactly one From with one address."""
+@dataclass(frozen=True)
+class AuthorDomains:
+    """The Author Domains of a message (RFC 9989 §5.3.1) and what is wrong with its From.
+
+    `domains`: distinct, normalized, in order, at most MAX_AUTHOR_DOMAINS.
+    `problem`: "" when the From fields were readable and every address had a usable
+    domain; otherwise why not (no From, an unparseable field, an address whose domain
+    is not a host name, too many domains). `fields`: how many From fields there were.
+    """
+
+    domains: tuple[str, ...]
+    problem: str = ""
+    fields: int = 1
+
+    @property
+    def single(self) -> bool:
+        """One From field, one Author Domain, nothing wrong: the case RFC 9989 covers."""
+        return self.fields == 1 and len(self.domains) == 1 and not self.problem
+
+
+def author_domains(headers: Sequence[Header]) -> AuthorDomains:
+    """Every Author Domain in the RFC5322.From fields, never an exception.
+
+    A field the grammar refuses (core/addresses.py: too deep, too long, malformed)
+    still gives the domains that appear in it after an `@` (salvage_domains), with
+    `problem` set: a reader's program may show such an address, and RFC 9989 §11.5
+    warns that a From that escapes DMARC processing is how a spoof gets through.
+    """
     values = [h.value for h in headers if h.name.lower() == "from"]
-    if len(values) != 1:
-        raise BadFrom(f"{len(values)} From fields")
-    text = values[0].decode("utf-8", "surrogateescape").replace("\r", "").replace("\n", "")
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    addresses = [a for _, a in email.utils.getaddresses([text]) if a]
-    if len(addresses) != 1:
-        raise BadFrom(f"{len(addresses)} addresses in From")
-    local, at, domain = addresses[0].rpartition("@")
-    if not at or not local:
-        raise BadFrom(f"From address without a domain: {addresses[0][:80]!r}")
-    try:
-        return normalize_domain(domain)
-    except PermError as exc:
-        raise BadFrom(str(exc)) from None
+    if not values:
+        return AuthorDomains((), "no From field", 0)
+    problems: list[str] = []
+    if len(values) > 1:
+        problems.append(f"{len(values)} From fields (RFC 5322 §3.6 allows one)")
+    found: dict[str, None] = {}
+    for raw in values:
+        # Header values are bytes; 8-bit junk stays as surrogate escapes, which no
+        # domain check accepts (normalize_domain), and never raises here.
+        text = raw.decode("utf-8", "surrogateescape")
+        parsed = parse_address_list(text)
+        if parsed.ok:
+            candidates = parsed.domains
+            if not candidates:
+                problems.append("From without an address")
+        else:
+            problems.append(f"unparseable From: {parsed.error}")
+            candidates = salvage_domains(text, MAX_AUTHOR_DOMAINS + 1)
+        for candidate in candidates:
+            try:
+                found.setdefault(normalize_domain(candidate), None)
+            except PermError as exc:
+                problems.append(str(exc))
+    domains = tuple(found)
+    if len(domains) > MAX_AUTHOR_DOMAINS:
+        problems.append(f"more than {MAX_AUTHOR_DOMAINS} From domains")
+        domains = domains[:MAX_AUTHOR_DOMAINS]
+    # The problem text may be logged and written in an AR comment: keep it printable.
+    problem = "; ".join(problems).encode("ascii", "backslashreplace").decode("ascii")
+    return AuthorDomains(domains, problem[:200], len(values))
+
+
+def header_from_domain(headers: Sequence[Header]) -> str:
+    """The single Author Domain; BadFrom unless one From field whose addresses all have
+    that one, valid domain (RFC 9989 §5.3.1)."""
+    authors = author_domains(headers)
+    if not authors.single:
+        raise BadFrom(authors.problem or f"{len(authors.domains)} From domains")
+    return authors.domains[0]
 
 
 # -- lookups --------------------------------------------------------------------------
@@ -268,7 +325,8 @@ def evaluate(author: str, dkim: Sequence[DkimInput], spf: SpfInput | None,
         found = discover_policy(author, lk)
     except TempError as exc:
         return Evaluation(TEMPERROR, author, str(exc), discovery=discovery, queries=lk.queries)
-    except MultipleRecords as exc:
+    except (MultipleRecords, UnusableRecord) as exc:
+        # RFC 9989 §4.10.1: no usable record, "no DMARC processing": no policy.
         return Evaluation(NONE, author, str(exc), discovery=discovery, queries=lk.queries)
     except PermError as exc:
         return Evaluation(PERMERROR, author, str(exc), discovery=discovery, queries=lk.queries)
@@ -291,3 +349,47 @@ def evaluate(author: str, dkim: Sequence[DkimInput], spf: SpfInput | None,
     return Evaluation(FAIL, author, "no aligned dkim or spf pass", found.domain, record,
                       found.policy, disposition_for(found.policy, record.t), False, False,
                       discovery, lk.queries)
+
+
+# -- several Author Domains --------------------------------------------------------------
+
+# Worst first: a failure (under the strictest disposition) outranks every other result,
+# and nothing short of every domain passing is reported as a pass.
+_SEVERITY = MappingProxyType({PASS: 0, NONE: 1, PERMERROR: 2, TEMPERROR: 3, FAIL: 4})
+_STRICTNESS = MappingProxyType({"none": 0, "quarantine": 1, "reject": 2})
+
+
+def strictest(evaluations: Sequence[Evaluation]) -> Evaluation:
+    """The evaluation that decides for a message with several Author Domains: a failure
+    with the strictest disposition (then policy), else the worst result."""
+    return max(evaluations, key=lambda e: (_SEVERITY.get(e.result, 2),
+                                           _STRICTNESS.get(e.disposition, 0),
+                                           _STRICTNESS.get(e.policy, 0)))
+
+
+def evaluate_authors(authors: AuthorDomains, dkim: Sequence[DkimInput],
+                     spf: SpfInput | None, dns: DnsLookup,
+                     discovery: Discovery = "treewalk") -> Evaluation:
+    """DMARC for every Author Domain of a message; the strictest outcome decides.
+
+    RFC 9989 §5.3.1 puts a From with several domains outside the protocol but lets a
+    receiver go on ("MAY choose to go forward with DMARC validation anyway"), and
+    §11.5 recommends, after RFC 7489 §6.6.1, to "apply the DMARC mechanism to each
+    domain found in the RFC5322.From field as the Author Domain and apply the most
+    strict policy selected among the checks that fail": so a `p=reject` domain that
+    fails is refused even when another address was added beside it. Several
+    addresses of one domain are that domain (as OpenDMARC does). A From with a
+    problem (unparseable, two fields, a bad address) is never reported as better
+    than permerror, though a failing policy among its domains still applies.
+    Needs at least one domain.
+    """
+    if not authors.domains:
+        raise BadFrom(authors.problem or "no Author Domain")
+    evaluations = [evaluate(d, dkim, spf, dns, discovery) for d in authors.domains]
+    ev = strictest(evaluations)
+    if len(evaluations) > 1:
+        ev = replace(ev, reason=f"{len(evaluations)} From domains, strictest: {ev.reason}")
+    if authors.problem and _SEVERITY[ev.result] < _SEVERITY[PERMERROR]:
+        return Evaluation(PERMERROR, ev.header_from_domain, authors.problem,
+                          discovery=discovery, queries=sum(e.queries for e in evaluations))
+    return ev

@@ -21,7 +21,6 @@ from dataclasses import replace
 from milters.core import authresults
 from milters.core.config import FilterSettings
 from milters.core.dkim_verify import dkim_headers, verify_all
-from milters.core.errors import PermError
 from milters.core.filter import Env, Filter, Stage
 from milters.core.model import Transaction
 from milters.core.spf_eval import check_host
@@ -33,8 +32,8 @@ from milters.dmarc.evaluate import (
     DkimInput,
     Evaluation,
     SpfInput,
-    evaluate,
-    header_from_domain,
+    author_domains,
+    evaluate_authors,
 )
 from milters.dmarc.history import HistoryEntry, HistoryStore, open_history
 from milters.dmarc.record import DmarcRecord
@@ -43,7 +42,8 @@ from milters.dmarc.settings import DmarcSettings
 log = logging.getLogger(__name__)
 
 TAG_HEADER = "X-Milters-DMARC"
-REPLY_BAD_FROM = Reply("550", "5.7.1", "a message needs exactly one From address (RFC 5322)")
+REPLY_BAD_FROM = Reply("550", "5.7.1",
+                       "a message needs one From field with addresses of one domain")
 REPLY_TEMPERROR = Reply("451", "4.4.3", "cannot look up the DMARC policy now, try again later")
 
 
@@ -61,6 +61,14 @@ def listed(domain: str, entries: Sequence[str]) -> bool:
 
 def _domain_of(address: str) -> str:
     return address.rpartition("@")[2].strip().strip("<>").rstrip(".").lower()
+
+
+def _storable(text: str) -> str:
+    """Client-given text as the history can store it: bytes that were not UTF-8 reach
+    us as surrogate escapes, which no database encoding takes (one such row would
+    fail the whole batch it is written in)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace").replace(
+        "\ufffd", "?")
 
 
 class DmarcFilter(Filter):
@@ -142,9 +150,17 @@ class DmarcFilter(Filter):
         return [DkimInput(r.result, r.domain, r.selector) for r in results]
 
     def self_spf(self, tx: Transaction) -> SpfInput | None:
+        """SPF for the MAIL FROM identity, as the spf filter reports it upstream.
+
+        RFC 9989 §3.2.4: DMARC uses only the MAIL FROM identity, and for a null
+        reverse-path that identity is postmaster@HELO (RFC 7208 §2.4): check_host
+        then checks the HELO name, and its domain is what aligns. The spf filter
+        reports the same as smtp.mailfrom=postmaster@HELO, so dmarc alone and dmarc
+        after spf give one answer.
+        """
         conn = tx.connection
-        if not tx.mail_from or conn.client_ip is None:
-            return None  # RFC 9989 (SPF alignment): only the MAIL FROM identity aligns
+        if conn.client_ip is None:
+            return None
         outcome = check_host(str(conn.client_ip), tx.mail_from, conn.helo, self.env.resolver)
         return SpfInput(outcome.result, outcome.domain)
 
@@ -153,24 +169,26 @@ class DmarcFilter(Filter):
     def check(self, tx: Transaction) -> Verdict:
         s = self.dmarc
         ours = s.skip_ours and self.env.is_ours(tx.connection)
-        try:
-            author = header_from_domain(tx.headers)
-        except PermError as exc:
-            if ours:
-                return Verdict(reason="ours: not checked")
-            if s.on_bad_from == "reject":
-                return Verdict(Action.REJECT, reply=REPLY_BAD_FROM, reason=str(exc))
-            return Verdict(reason=str(exc),
-                           results=(AuthResult("dmarc", PERMERROR, comment="bad From"),))
-        if ours and not listed(author, s.always_check_domains):
+        authors = author_domains(tx.headers)
+        if ours and not any(listed(d, s.always_check_domains) for d in authors.domains):
             return Verdict(reason="ours: not checked")
+        if not authors.single and s.on_bad_from == "reject":
+            # OpenDMARC's RequiredHeaders / RejectMultiValueFrom: refuse before DMARC
+            # (RFC 9989 §11.5 allows "a negative disposition decision ... prior to
+            # and instead of" DMARC processing). Several addresses of one domain in
+            # one field are a single Author Domain and go on.
+            why = authors.problem or f"{len(authors.domains)} From domains"
+            return Verdict(Action.REJECT, reply=REPLY_BAD_FROM, reason=why)
+        if not authors.domains:
+            return Verdict(reason=authors.problem,
+                           results=(AuthResult("dmarc", PERMERROR, comment="bad From"),))
         dkim, spf, spf_seen = self.upstream_results(tx)
         if s.self_validate:
             if dkim is None:
                 dkim = self.self_dkim(tx)
             if spf is None and not spf_seen:
                 spf = self.self_spf(tx)
-        ev = evaluate(author, dkim or [], spf, self.env.resolver, s.discovery)
+        ev = evaluate_authors(authors, dkim or [], spf, self.env.resolver, s.discovery)
         verdict, override = self.act(ev)
         self.remember(tx, ev, dkim or [], spf, verdict, override)
         return verdict
@@ -224,10 +242,10 @@ class DmarcFilter(Filter):
             time=int(time.time()),
             source_ip=tx.connection.client_addr,
             header_from=ev.header_from_domain,
-            envelope_from=_domain_of(tx.mail_from) if tx.mail_from else "",
-            envelope_to=_domain_of(tx.rcpt_to[0]) if tx.rcpt_to else "",
-            dkim=tuple((d.domain, d.selector, d.result) for d in dkim),
-            spf_domain=spf.domain if spf else "",
+            envelope_from=_storable(_domain_of(tx.mail_from)) if tx.mail_from else "",
+            envelope_to=_storable(_domain_of(tx.rcpt_to[0])) if tx.rcpt_to else "",
+            dkim=tuple((_storable(d.domain), _storable(d.selector), d.result) for d in dkim),
+            spf_domain=_storable(spf.domain) if spf else "",
             spf_result=spf.result if spf else "none",
             policy_domain=ev.policy_domain, p=r.p, sp=r.sp, np=r.np, adkim=r.adkim,
             aspf=r.aspf, testing=r.t, discovery=ev.discovery, fo=r.fo, rua=r.rua,

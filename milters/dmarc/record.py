@@ -17,6 +17,11 @@ _TAG = re.compile(r"^([A-Za-z][A-Za-z0-9_]*)\s*=\s*(.*)$", re.S)
 _FO = frozenset({"0", "1", "d", "s"})
 
 
+class UnusableRecord(PermError):
+    """a DMARC record without a valid p= (or with an invalid sp=/np=) and without a usable
+    rua=: no DMARC processing (RFC 9989 §4.10.1)"""
+
+
 @dataclass(frozen=True)
 class DmarcRecord:
     """One valid DMARC policy record, defaults filled in (RFC 9989 (policy record))."""
@@ -62,11 +67,16 @@ def _uris(value: str) -> tuple[str, ...]:
 
 
 def parse_record(txt: bytes | str) -> DmarcRecord:
-    """A DmarcRecord from a TXT value that starts with v=DMARC1; PermError if unusable.
+    """A DmarcRecord from a TXT value that starts with v=DMARC1.
 
-    RFC 9989 (policy record) / RFC 7489 §6.6.3: a missing or invalid p= makes the record one
-    with p=none when it has a usable rua= (reports still flow); without one the
-    record is unusable. Invalid values of optional tags fall back to defaults.
+    RFC 9989 §4.10.1: a record without a valid "p" tag, or with an "sp" or "np"
+    tag that is not valid, is read as a record "containing p=none" when its rua=
+    holds at least one valid URI (reports still flow; sp/np are dropped too, so
+    nothing stricter than none is applied); without one the Mail Receiver "applies
+    no DMARC processing": UnusableRecord, which evaluation turns into dmarc=none.
+    RFC 9989 §4.8: other syntax errors are "discarded in favor of default values
+    (if any) or ignored outright". A tag given twice makes the tag-list invalid
+    (RFC 6376 §3.2, whose tag-value syntax DMARC uses, RFC 9989 §4.7): PermError.
     """
     text = txt.decode("utf-8", "replace") if isinstance(txt, bytes) else txt
     if not is_dmarc(text):
@@ -78,21 +88,24 @@ def parse_record(txt: bytes | str) -> DmarcRecord:
             continue
         m = _TAG.match(part)
         if m is None:
-            raise PermError(f"DMARC record: malformed tag {part[:40]!r}")
+            continue  # RFC 9989 §4.8: a syntax error is ignored
         name = m.group(1).lower()
         if name in tags:
             raise PermError(f"DMARC record: tag {name} twice")
         tags[name] = m.group(2).strip()
     rua = _uris(tags.get("rua", ""))
     p = tags.get("p", "").lower()
-    p_ok = p in POLICIES
-    if not p_ok:
-        if not rua:
-            why = "no p= tag" if "p" not in tags else f"invalid p={tags['p'][:20]!r}"
-            raise PermError(f"DMARC record: {why} and no rua=")
-        p = "none"
     sp = tags.get("sp", "").lower()
     np = tags.get("np", "").lower()
+    invalid = ["no p= tag" if "p" not in tags else f"invalid p={tags['p'][:20]!r}"] \
+        if p not in POLICIES else []
+    invalid += [f"invalid {name}={tags[name][:20]!r}" for name, value in (("sp", sp), ("np", np))
+                if name in tags and value not in POLICIES]
+    p_ok = not invalid
+    if invalid:
+        if not rua:
+            raise UnusableRecord(f"DMARC record: {', '.join(invalid)} and no usable rua=")
+        p, sp, np = "none", "", ""
     psd = tags.get("psd", "u").lower()
     t = tags.get("t", "n").lower()
     adkim = tags.get("adkim", "r").lower()
@@ -101,8 +114,8 @@ def parse_record(txt: bytes | str) -> DmarcRecord:
                   if v in _FO) or "0"
     return DmarcRecord(
         p=p,
-        sp=sp if sp in POLICIES else "",
-        np=np if np in POLICIES else "",
+        sp=sp,
+        np=np,
         psd=psd if psd in ("y", "n", "u") else "u",
         t=t == "y",
         adkim=adkim if adkim in ("r", "s") else "r",

@@ -63,7 +63,9 @@ class DmarcSettings(FilterSettings):
     )
     on_bad_from: OnBadFrom = setting(
         "permerror",
-        "no From, several From fields or addresses: dmarc=permerror, or reject (550 5.7.1)",
+        'a From that is not one field with one domain: "permerror" (each domain is '
+        "evaluated and the strictest failure applies; a From with no usable domain "
+        'gives dmarc=permerror) or "reject" (550 5.7.1 before DMARC)',
     )
     on_temperror: OnTempError = setting(
         "accept", "a DNS failure during policy discovery: accept (and say so) or tempfail"

@@ -214,13 +214,26 @@ class SpfFilter(Filter):
         null sender) and the HELO name; a separate HELO result names the HELO only.
         """
         props: list[tuple[str, str, str]] = []
+        comment = ""
         if not helo_only and outcome.sender:
-            props.append(("smtp", "mailfrom", ar_address(outcome.sender)))
+            props.append(("smtp", "mailfrom", ar_address(ar_text(outcome.sender))))
+            if outcome.identity == "helo":
+                # RFC 7208 §2.4: for the null reverse-path the MAIL FROM identity IS
+                # postmaster@HELO, and RFC 9989 §3.2.4 aligns it as such; the
+                # comment tells a reader why the address is not one the client sent.
+                comment = "null sender: HELO identity"
         if helo:
             # The HELO name is whatever the client said: never let it end the
             # property (`EHLO x;dkim=pass` would read as a result of its own).
-            props.append(("smtp", "helo", authresults.quote_value(helo)))
-        return AuthResult("spf", outcome.result, properties=tuple(props))
+            props.append(("smtp", "helo", authresults.quote_value(ar_text(helo))))
+        return AuthResult("spf", outcome.result, properties=tuple(props), comment=comment)
+
+
+def ar_text(text: str) -> str:
+    """Client-given text made writable in a header field: bytes that were not UTF-8
+    (surrogate escapes from the adapter) and control characters become "?"."""
+    return "".join("?" if "\udc80" <= c <= "\udcff" or (c.isascii() and not c.isprintable())
+                   else c for c in text)
 
 
 def ar_address(address: str) -> str:

@@ -67,7 +67,6 @@ CORPUS = [
          (("_dmarc.spdomain.org", "v=DMARC1; p=none; sp=quarantine"),)),
     Case("p-none-fail", "a@pn.example", "", (("_dmarc.pn.example", "v=DMARC1; p=none"),)),
     Case("no-record", "a@nothing.example", "dkim=pass header.d=nothing.example"),
-    Case("malformed-p", "a@bad.example", "", (("_dmarc.bad.example", "v=DMARC1; p=bogus"),)),
     Case("unknown-tags", "a@tags.example", "dkim=fail header.d=tags.example",
          (("_dmarc.tags.example", "v=DMARC1; p=quarantine; foo=bar; pct=50; ri=3600"),)),
     Case("split-txt", "a@long.example", "",
@@ -103,10 +102,15 @@ DIFFERENT = {
         ("permerror", "fail p=none", "fail p=none",
          "RFC 7489 §6.6.3 and RFC 9989 (policy record): an invalid p= with a usable rua= is read "
          "as p=none; OpenDMARC answers permerror"),
+    Case("malformed-p", "a@bad.example", "", (("_dmarc.bad.example", "v=DMARC1; p=bogus"),)):
+        ("permerror", "none", "none",
+         "RFC 9989 §4.10.1: an invalid p= without a usable rua= means no DMARC processing "
+         "(no policy: none); OpenDMARC answers permerror"),
     Case("two-from-addresses", "a@example.com, b@example.net", "dkim=pass header.d=example.com"):
-        ("", "permerror", "permerror",
-         "RFC 9989 (alignment) / RFC 7489 §6.6.1: no single Author Domain; OpenDMARC writes "
-         "no result, we write permerror (or reject, on_bad_from)"),
+        ("", "none", "none",
+         "RFC 9989 §11.5 / RFC 7489 §6.6.1: each From domain evaluated, the worst result "
+         "reported (example.com passes, example.net has no record: none; a failing policy "
+         "would apply); OpenDMARC writes no result (or rejects with RejectMultiValueFrom)"),
 }
 
 

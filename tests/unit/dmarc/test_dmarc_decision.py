@@ -139,14 +139,93 @@ def test_internal_and_authenticated_skipped(make: Make, reject_policy: LoopbackD
     assert flt.check(transaction(MSG, auth="alice")).action is Action.REJECT
 
 
+def from_(value: bytes) -> bytes:
+    return MSG.replace(b"From: Alice <alice@example.com>", b"From: " + value)
+
+
+def test_multi_from_spoof_of_reject_domain(make: Make, reject_policy: LoopbackDNS) -> None:
+    """Issue 12: an attacker's address beside a p=reject domain's must not switch DMARC
+    off. RFC 9989 §11.5: each domain evaluated, the strictest failing policy applies."""
+    reject_policy.txt("_dmarc.attacker.example", "v=DMARC1; p=none")
+    attacker_dkim = "mx.test.example; dkim=pass header.d=attacker.example header.s=s"
+    for raw in (from_(b"support@example.com, x@attacker.example"),
+                from_(b"x@attacker.example, <support@example.com>"),
+                from_(b"x@attacker.example\r\nFrom: support@example.com"),  # two fields
+                with_ar(attacker_dkim, raw=from_(b"support@example.com, x@attacker.example"))):
+        v = make(upstream=("dkim", "spf"), reject_failures=True).check(transaction(raw))
+        assert v.action is Action.REJECT, raw
+        assert dmarc_of(v) == ("fail", "p=reject dis=reject")
+        (r,) = v.results
+        assert r.properties == (("header", "from", "example.com"),)
+        # Without reject_failures: still a fail, never a pass or a permerror.
+        v = make(upstream=("dkim", "spf")).check(transaction(raw))
+        assert v.action is Action.ACCEPT and dmarc_of(v)[0] == "fail"
+
+
+def test_same_domain_addresses_are_that_domain(make: Make, reject_policy: LoopbackDNS) -> None:
+    """RFC 9989 and OpenDMARC: several addresses of one domain are one Author Domain."""
+    aligned = with_ar(f"{AUTHSERV}; dkim=pass header.d=example.com header.s=s",
+                      raw=from_(b"a@example.com, B <b@EXAMPLE.com>"))
+    v = make(upstream=("dkim", "spf"), reject_failures=True).check(transaction(aligned))
+    assert dmarc_of(v) == ("pass", "p=reject dis=none") and v.action is Action.ACCEPT
+    v = make(on_bad_from="reject").check(transaction(aligned))
+    assert v.action is not Action.REJECT  # one domain is not a bad From
+
+
+def test_two_domains_all_aligned_pass_only_when_each_passes(make: Make,
+                                                             reject_policy: LoopbackDNS) -> None:
+    reject_policy.txt("_dmarc.example.net", "v=DMARC1; p=quarantine")
+    both = with_ar(f"{AUTHSERV}; dkim=pass header.d=example.com header.s=s; "
+                   "dkim=pass header.d=example.net header.s=s",
+                   raw=from_(b"a@example.com, b@example.net"))
+    v = make(upstream=("dkim", "spf")).check(transaction(both))
+    assert dmarc_of(v)[0] == "pass"
+    one = with_ar(f"{AUTHSERV}; dkim=pass header.d=example.com header.s=s",
+                  raw=from_(b"a@example.com, b@example.net"))
+    v = make(upstream=("dkim", "spf")).check(transaction(one))
+    assert dmarc_of(v) == ("fail", "p=quarantine dis=quarantine") and v.quarantine
+
+
 def test_bad_from(make: Make, reject_policy: LoopbackDNS) -> None:
-    two = MSG.replace(b"From: Alice <alice@example.com>", b"From: a@example.com, b@example.net")
-    v = make().check(transaction(two))
-    assert dmarc_of(v)[0] == "permerror" and v.action is Action.ACCEPT
+    two = from_(b"a@example.com, b@example.net")
     v = make(on_bad_from="reject").check(transaction(two))
     assert v.action is Action.REJECT and v.reply is not None and v.reply.code == "550"
     v = make(on_bad_from="reject").check(transaction(two, auth="alice"))
     assert v.action is Action.ACCEPT and not v.results  # our own users are not judged
+    for value in (b"undisclosed-recipients:;", b"alice", b"a@localhost", b"<>"):
+        v = make(reject_failures=True).check(transaction(from_(value)))
+        assert dmarc_of(v) == ("permerror", "bad From") and v.action is Action.ACCEPT, value
+        v = make(on_bad_from="reject").check(transaction(from_(value)))
+        assert v.action is Action.REJECT, value
+    no_from = MSG.replace(b"From: Alice <alice@example.com>\r\n", b"")
+    assert dmarc_of(make().check(transaction(no_from)))[0] == "permerror"
+
+
+@pytest.mark.parametrize("value", [
+    b"(" * 1000 + b"x" + b")" * 1000 + b" <ceo@example.com>",  # deeper than the bound
+    b"Ceo <ceo@example.com",  # no closing '>'
+    b'"unterminated <ceo@example.com>',
+    b"ceo@example.com (" + b"x" * 200_000 + b")",  # over the size bound
+    b"\xff\xfe junk <ceo@example.com> \x80",  # 8-bit bytes (not UTF-8)
+])
+def test_unparseable_from_still_meets_the_policy(make: Make, reject_policy: LoopbackDNS,
+                                                 value: bytes) -> None:
+    """A From the grammar refuses is searched for @domain names (a reader's program may
+    show them): a p=reject domain among them is refused, and such a From never passes."""
+    v = make(reject_failures=True).check(transaction(from_(value)))
+    assert v.action is Action.REJECT and dmarc_of(v)[0] == "fail"
+    aligned = with_ar(f"{AUTHSERV}; dkim=pass header.d=example.com header.s=s",
+                      raw=from_(value))
+    v = make(upstream=("dkim", "spf"), reject_failures=True).check(transaction(aligned))
+    assert dmarc_of(v)[0] == "permerror" and v.action is Action.ACCEPT
+
+
+def test_nested_comments_within_bound_parse(make: Make, reject_policy: LoopbackDNS) -> None:
+    value = b"(" * 200 + b"x" + b")" * 200 + b" <ceo@example.com>"
+    aligned = with_ar(f"{AUTHSERV}; dkim=pass header.d=example.com header.s=s",
+                      raw=from_(value))
+    v = make(upstream=("dkim", "spf"), reject_failures=True).check(transaction(aligned))
+    assert dmarc_of(v)[0] == "pass"
 
 
 def test_temperror(make: Make, dns: LoopbackDNS) -> None:
@@ -178,3 +257,23 @@ def test_unreadable_ar_is_ignored(make: Make, reject_policy: LoopbackDNS) -> Non
     raw = with_ar(f"{AUTHSERV}; dkim=pass header.d=example.com; ???")
     v = make(upstream=("dkim",), self_validate=False).check(transaction(raw))
     assert dmarc_of(v)[0] == "fail"
+
+
+def test_8bit_junk_in_envelope_is_a_defined_answer(make: Make, reject_policy: LoopbackDNS,
+                                                  tmp_path: Path) -> None:
+    """Issue 9: invalid UTF-8 in MAIL FROM or HELO reaches dmarc as surrogate escapes
+    (the adapter decodes with surrogateescape): SPF is none (RFC 7208 §4.3, a
+    malformed domain), DMARC goes on, the history row is written."""
+    flt = make(reject_failures=True)
+    for mail_from, helo in (("a@b\udcff.example", "mail.example.net"),
+                            ("", "h\udcff\udcfe.example"),
+                            ("\udcff@example.com", "\udcff")):
+        tx = transaction(MSG)
+        tx.mail_from = mail_from
+        tx.connection.helo = helo
+        v = flt.check(tx)
+        assert v.action is Action.REJECT and dmarc_of(v)[0] == "fail", (mail_from, helo)
+    assert flt.history is not None
+    flt.history.close()
+    rows = SqliteHistory(str(tmp_path / "history.sqlite")).entries(0, 2**40)
+    assert [r.envelope_from for r in rows] == ["b?.example", "", "example.com"]

@@ -17,7 +17,7 @@ from milters.dmarc.evaluate import (
     normalize_domain,
     tree_walk_names,
 )
-from milters.dmarc.record import parse_record
+from milters.dmarc.record import UnusableRecord, parse_record
 from tests.support.dns import LoopbackDNS
 
 DKIM_PASS = [DkimInput("pass", "example.com", "sel")]
@@ -93,17 +93,38 @@ def test_record_ignores_unknown_and_removed_tags() -> None:
 @pytest.mark.parametrize("text", [
     "v=DMARC1; p=bogus",  # invalid p, no rua
     "v=DMARC1",  # no p, no rua
-    "v=DMARC1; p=none; p=reject",  # a tag twice
-    "v=DMARC1; p=none; garbage",  # not a tag
+    "v=DMARC1; p=reject; sp=bogus",  # RFC 9989 §4.10.1: an invalid sp= too
+    "v=DMARC1; p=reject; np=",  # and an invalid np=
+    "v=DMARC1; p=bogus; rua=http://r.example/",  # no usable rua
 ])
-def test_record_unusable(text: str) -> None:
-    with pytest.raises(PermError):
+def test_record_without_usable_policy(text: str) -> None:
+    with pytest.raises(UnusableRecord):
         parse_record(text)
 
 
-def test_invalid_p_with_rua_is_none() -> None:
-    r = parse_record("v=DMARC1; p=bogus; rua=mailto:r@example.com")
-    assert r.p == "none" and not r.p_published
+def test_tag_twice_is_permerror() -> None:
+    # RFC 6376 §3.2 tag-list (RFC 9989 §4.7): a duplicated tag invalidates the list.
+    with pytest.raises(PermError) as info:
+        parse_record("v=DMARC1; p=none; p=reject")
+    assert not isinstance(info.value, UnusableRecord)
+
+
+def test_syntax_error_in_a_tag_is_ignored() -> None:
+    # RFC 9989 §4.8: syntax errors are "discarded in favor of default values".
+    r = parse_record("v=DMARC1; p=quarantine; garbage; adkim=s")
+    assert (r.p, r.adkim) == ("quarantine", "s")
+
+
+@pytest.mark.parametrize("text", [
+    "v=DMARC1; p=bogus; rua=mailto:r@example.com",
+    "v=DMARC1; rua=mailto:r@example.com",
+    "v=DMARC1; p=reject; sp=bogus; np=reject; rua=mailto:r@example.com",
+])
+def test_invalid_policy_with_rua_is_none(text: str) -> None:
+    # RFC 9989 §4.10.1: "act as if a record containing p=none was retrieved"
+    r = parse_record(text)
+    assert (r.p, r.sp, r.np) == ("none", "", "") and not r.p_published
+    assert r.rua == ("mailto:r@example.com",)
 
 
 # -- discovery and results ----------------------------------------------------------------
@@ -230,8 +251,18 @@ def test_duplicated_records_no_processing(dns: LoopbackDNS, resolver: Resolver) 
     assert ev.result == "none" and "2 DMARC records" in ev.reason
 
 
-def test_malformed_record_is_permerror(dns: LoopbackDNS, resolver: Resolver) -> None:
+def test_invalid_p_without_rua_is_none(dns: LoopbackDNS, resolver: Resolver) -> None:
+    """Issue 12 / RFC 9989 §4.10.1: the record is unusable, there is no policy: none."""
     dns.txt("_dmarc.example.com", "v=DMARC1; p=bogus")
+    ev = evaluate("example.com", [], None, resolver)
+    assert (ev.result, ev.policy, ev.disposition) == ("none", "none", "none")
+    dns.txt("_dmarc.example.net", "v=DMARC1; p=bogus; rua=mailto:r@example.net")
+    ev = evaluate("example.net", [], None, resolver)
+    assert (ev.result, ev.policy, ev.disposition) == ("fail", "none", "none")
+
+
+def test_tag_twice_is_permerror_at_evaluation(dns: LoopbackDNS, resolver: Resolver) -> None:
+    dns.txt("_dmarc.example.com", "v=DMARC1; p=reject; p=none")
     assert evaluate("example.com", [], None, resolver).result == "permerror"
 
 

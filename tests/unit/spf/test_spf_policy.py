@@ -182,8 +182,11 @@ def test_permerror_policies(spf_filter: FilterFactory) -> None:
 def test_null_sender_is_checked_as_postmaster_at_helo(spf_filter: FilterFactory) -> None:
     refusal, verdict = run(spf_filter(), transaction(""))
     assert refusal is None
+    # RFC 7208 §2.4: the MAIL FROM identity of the null sender is postmaster@HELO; the
+    # comment says so to a reader (RFC 9989 §3.2.4 aligns it as the MAIL FROM identity).
     assert spf_result(verdict) == AuthResult("spf", "pass", properties=(
-        ("smtp", "mailfrom", f"postmaster@{HELO}"), ("smtp", "helo", HELO)))
+        ("smtp", "mailfrom", f"postmaster@{HELO}"), ("smtp", "helo", HELO)),
+        comment="null sender: HELO identity")
 
 
 def test_null_sender_with_a_failing_helo_is_refused(spf_filter: FilterFactory) -> None:
@@ -308,3 +311,29 @@ def test_received_spf_comment_stays_one_comment(dns: LoopbackDNS) -> None:
     value = received_spf(outcome, OTHER, HELO, '"a)b"@sender.example', "mx.example")
     assert '"a\\)b"@sender.example' in value
     assert 'envelope-from="\\"a)b\\"@sender.example";' in " ".join(value.split())
+
+
+@pytest.mark.parametrize(("mail_from", "helo", "identity"), [
+    ("alice@sender\udcff.example", HELO, "mailfrom"),  # 8-bit junk in the domain
+    ("", "mail\udcff\udcfe.example", "helo"),  # null sender, junk HELO
+    ("alice@xn--\udcff.example", HELO, "mailfrom"),
+    ("alice@" + "a" * 64 + ".example", HELO, "mailfrom"),  # a label over 63 octets
+])
+def test_malformed_domain_is_none(spf_filter: FilterFactory, dns: LoopbackDNS,
+                                  mail_from: str, helo: str, identity: str) -> None:
+    """Issue 9: invalid UTF-8 in MAIL FROM or HELO (surrogate escapes from the adapter).
+    RFC 7208 §4.3: a malformed domain gives "none" at once, no DNS query, no exception;
+    what is reported can be written in a header field."""
+    dns.resolver.queries.clear()
+    refusal, verdict = run(spf_filter(helo_reject="never"), transaction(mail_from, helo=helo))
+    assert refusal is None
+    result = spf_result(verdict)
+    assert result.result == "none"
+    for _, _, value in result.properties:
+        value.encode("utf-8")  # no surrogates left: a header field can carry it
+        assert "\udcff" not in value
+    outcome = check_host(CLIENT, mail_from, helo, spf_filter().env.resolver)
+    assert (outcome.result, outcome.identity) == ("none", identity)
+    # Nothing about the malformed name was asked in DNS (the HELO name may be).
+    assert all(name.rstrip(".") in (HELO, "") for name, _ in dns.resolver.queries), \
+        dns.resolver.queries
