@@ -39,11 +39,11 @@ import time
 import types
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 from types import TracebackType
 from typing import Any, Literal, NoReturn
 
 from milters.core import model
+from milters.core.addresses import parse_address_list
 from milters.core.errors import MiltersError
 from milters.core.sockets import SocketSpec, parse_socket
 from milters.core.verdict import EditKind, HeaderEdit
@@ -341,7 +341,9 @@ class Envelope:
                 for n, v in headers
                 if n.lower() in names
             ]
-            return [a for _, a in getaddresses(values) if a]
+            # The bounded reader: a From with deeply nested comments is a defined
+            # "no address here", not a RecursionError (email.utils.getaddresses).
+            return [m.address for v in values for m in parse_address_list(v).mailboxes]
 
         if "mail_from" not in overrides:
             found = addresses("return-path") or addresses("from")
