@@ -6,6 +6,7 @@ readable key_table."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import os
 import random
 import time
@@ -215,23 +216,28 @@ def test_header_selection_is_dkimpys() -> None:
         assert cache.select(policy, signed) == dkim.select_headers(canon, signed)
 
 
-def test_many_signatures_many_names_many_fields_is_bounded(dkim_filter: FilterFactory) -> None:
-    """The issue's case: 10 signatures x h= of 1,000 names x 5,000 fields took 5.5 s."""
-    h = b"h=from" + b":x-a" * 511  # within the limit: evaluated in full
-    value = TEMPLATE.replace(b"h=from:to:subject", h)
+def test_many_signatures_many_names_many_fields_is_bounded(keys: TestKeys) -> None:
+    """The issue's case: 10 signatures x h= of 1,000 names x 5,000 fields took 5.5 s.
+    With the right bh= every signature gets as far as hashing its h= fields."""
+    headers, body = parse_message(MESSAGE)
+    bh = base64.b64encode(hashlib.sha256(canonicalize_body(b"relaxed", body)).digest())
+    value = TEMPLATE.replace(b"bh=AAAA", b"bh=" + bh)
+
+    def lookup(name: str) -> list[bytes]:
+        return [keys.records[name].encode()] if name in keys.records else []
+
     raw = MESSAGE
     for _ in range(10):
-        raw = _with_field(raw, value)
+        raw = _with_field(raw, value.replace(b"h=from", b"h=from" + b":x-a" * 509))  # 512 names
     raw = b"".join(b"X-A: %d\r\n" % i for i in range(5000)) + raw
     headers, body = parse_message(raw)
     started = time.monotonic()
-    results, skipped = verify_all(dkim_headers(headers), body,
-                                  lambda name: [], max_signatures=10, min_key_bits=1024)
-    assert [r.result for r in results] == ["permerror"] * 10 and skipped == 0
-    assert time.monotonic() - started < 5
+    results, skipped = verify_all(dkim_headers(headers), body, lookup, 10, 1024)
+    assert [(r.result, r.reason) for r in results] == [("fail", "signature did not verify")] * 10
+    assert skipped == 0 and time.monotonic() - started < 5
     over = raw.replace(b"h=from", b"h=from" + b":x-a" * 600)
     headers, body = parse_message(over)
-    results, _ = verify_all(dkim_headers(headers), body, lambda name: [], 10, 1024)
+    results, _ = verify_all(dkim_headers(headers), body, lookup, 10, 1024)
     assert {r.reason for r in results} == {f"h= lists more than {MAX_SIGNED_FIELDS} fields"}
 
 
