@@ -4,8 +4,8 @@ Built from [global.dns] (nameservers, port, timeout; empty: /etc/resolv.conf), s
 a site or a test can point the whole suite at a resolver on any address and
 port. Answers are cached by dnspython's thread-safe cache (libmilter calls from
 many threads). Timeouts and server failures are TempError, a name that does not
-exist or has no such record is an empty answer, so callers can map them to the
-RFC results (temperror versus none/permerror).
+exist, has no such record or cannot be a DNS name at all is an empty answer, so
+callers can map them to the RFC results (temperror versus none/permerror).
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ class Resolver:
         except dns.exception.Timeout:
             raise TempError(f"DNS {rdtype} {name}: timed out after "
                             f"{self.settings.timeout:g} s") from None
-        except dns.name.NameTooLong:
+        except (dns.exception.SyntaxError, dns.name.NameTooLong, dns.name.IDNAException,
+                UnicodeError):
+            # A name that cannot be a DNS name (label over 63 bytes, empty label, over
+            # 255 bytes, bad escape, not encodable) exists nowhere, now or later: an
+            # empty answer (permanent), never a temperror that invites retrying.
             return []
         except dns.exception.DNSException as exc:
             raise TempError(f"DNS {rdtype} {name}: {type(exc).__name__}: {exc}") from None

@@ -174,7 +174,7 @@ class DkimFilter(Filter):
         headers = dkim_headers(tx.headers)
         results, skipped = verify_all(
             headers, tx.body.getvalue(), self.env.resolver.txt,
-            s.max_signatures, s.min_key_bits, s.ignore_domains,
+            s.max_signatures, s.min_key_bits, s.ignore_domains, s.clock_skew,
         )
         notes = []
         if skipped:

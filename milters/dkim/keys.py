@@ -3,8 +3,9 @@
 Keys are read when the filter is built (so SIGHUP, which rebuilds it, rotates
 keys): PEM files (PKCS#1 `RSA PRIVATE KEY`, as opendkim-genkey writes in
 `.private` files, or PKCS#8 `PRIVATE KEY`, as OpenSSL 3 writes for RSA and
-Ed25519) or a bare base64 Ed25519 seed (dkimpy-milter's format). A key file
-that group or others can read is refused unless allow_insecure_keys is set.
+Ed25519) or a bare base64 Ed25519 seed (dkimpy-milter's format). A key file,
+or a key_table holding an inline key, that group or others can read is refused
+unless allow_insecure_keys is set.
 
 Who signs what: the simple case (domain + selector + key_file, optionally an
 Ed25519 key beside it) or OpenDKIM's KeyTable and SigningTable files.
@@ -120,16 +121,22 @@ def load_private_key(path: str, allow_insecure: bool) -> PrivateKey:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise ConfigError(f"key file {path}: cannot read: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        mode = stat.filemode(st.st_mode)
+    _refuse_if_readable(f"key file {path}", st.st_mode, allow_insecure)
+    return parse_private_key(data, f"key file {path}")
+
+
+def _refuse_if_readable(what: str, st_mode: int, allow_insecure: bool) -> None:
+    """ConfigError when `what` (a file holding private key material) may be read by
+    group or others; a warning instead with allow_insecure_keys."""
+    if st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        mode = stat.filemode(st_mode)
         if not allow_insecure:
             raise ConfigError(
-                f"key file {path} is readable by group or others ({mode}): "
+                f"{what} is readable by group or others ({mode}): "
                 f"chmod 600 it (or set allow_insecure_keys = true in [dkim])"
             )
-        log.warning("INSECURE: key file %s is readable by group or others (%s); "
-                    "accepted because allow_insecure_keys = true", path, mode)
-    return parse_private_key(data, f"key file {path}")
+        log.warning("INSECURE: %s is readable by group or others (%s); "
+                    "accepted because allow_insecure_keys = true", what, mode)
 
 
 @dataclass(frozen=True)
@@ -212,11 +219,19 @@ def _table_lines(path: str, what: str) -> list[tuple[int, list[str]]]:
     return out
 
 
+def _mode_of(path: str) -> int:
+    try:
+        return os.stat(path).st_mode
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot stat: {exc.strerror}") from None
+
+
 def load_key_table(spec: str, allow_insecure: bool) -> tuple[SigningKey, ...]:
     """OpenDKIM KeyTable: `name domain:selector:keyfile` (keyfile may be inline base64)."""
     path = _strip_dataset(spec)
     keys: list[SigningKey] = []
     problems: list[str] = []
+    inline_checked = False
     for n, words in _table_lines(path, "key_table"):
         where = f"key_table {path}:{n}"
         if len(words) != 2 or words[1].count(":") < 2:
@@ -228,6 +243,12 @@ def load_key_table(spec: str, allow_insecure: bool) -> tuple[SigningKey, ...]:
             if key_spec.startswith("/") or key_spec.startswith("."):
                 key = load_private_key(key_spec, allow_insecure)
             else:
+                # An inline key makes the table itself key material: it must be as
+                # private as a key file (issue 9: a 0644 table was accepted silently).
+                if not inline_checked:
+                    inline_checked = True
+                    _refuse_if_readable(f"key_table {path} (inline key on line {n})",
+                                        _mode_of(path), allow_insecure)
                 key = parse_private_key(key_spec.encode(), where)
         except ConfigError as exc:
             problems.append(f"{where}: {exc}")

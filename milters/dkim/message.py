@@ -40,18 +40,25 @@ def fold_value(name: str, value: bytes, limit: int = MAX_LINE) -> bytes | None:
         return None
     out: list[bytes] = []
     for i, line in enumerate(lines):
-        room = limit - (prefix if i == 0 else 0)
-        while len(line) > room:
+        # Walk the line with an offset; the rest is never copied (linear in its length).
+        # A piece after a cut starts at `start` (its first byte is the fold's white
+        # space, or the " " we insert) and may hold `limit` bytes.
+        # A name longer than the limit (hostile) still leaves one byte per piece.
+        room = max(1, limit - (prefix if i == 0 else 0))
+        start, lead = 0, b""
+        while len(lead) + len(line) - start > room:
             # Never fold at position 0 of a continuation line (that white space is the fold).
-            cut = max(line.rfind(b" ", 1, room), line.rfind(b"\t", 1, room))
-            if cut <= 0:
-                out.append(line[:room])
-                line = b" " + line[room:]
+            first = start if lead else start + 1
+            end = start + room - len(lead)
+            cut = max(line.rfind(b" ", first, end), line.rfind(b"\t", first, end))
+            if cut < 0:  # no white space to fold at
+                out.append(lead + line[start:end])
+                start, lead = end, b" "
             else:
-                out.append(line[:cut])
-                line = line[cut:]
+                out.append(lead + line[start:cut])
+                start, lead = cut, b""
             room = limit
-        out.append(line)
+        out.append(lead + line[start:])
     return b"\n".join(out)
 
 
@@ -79,10 +86,11 @@ def break_long_body_lines(body: bytes, limit: int = MAX_LINE) -> bytes | None:
         return None
     out: list[bytes] = []
     for line in lines:
-        room = limit
-        while len(line) > room:
-            out.append(line[:room])
-            line = b" " + line[room:]
-            room = limit
-        out.append(line)
+        if len(line) <= limit:
+            out.append(line)
+            continue
+        # The first piece is `limit` bytes, each further one " " + limit-1 bytes;
+        # sliced at offsets, never copying the rest (linear, issue 9: was quadratic).
+        out.append(line[:limit])
+        out += [b" " + line[i:i + limit - 1] for i in range(limit, len(line), limit - 1)]
     return b"\r\n".join(out)

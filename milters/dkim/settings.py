@@ -135,12 +135,19 @@ class DkimSettings(FilterSettings):
 
     # -- verification ---------------------------------------------------------
     max_signatures: int = setting(
-        10, "signatures verified per message; more are ignored (MaximumSignaturesToVerify)",
+        10, "signatures verified per message, top down; more get no result and a log "
+        "note (MaximumSignaturesToVerify)",
         check_range(1, 1000),
     )
     min_key_bits: int = setting(
         1024, "RSA keys shorter than this are a permerror, RFC 8301 §3.2 (MinimumKeyBits)",
         check_range(1024, 16384),
+    )
+    clock_skew: int = setting(
+        300,
+        "seconds of clock difference allowed when checking x= (expiry) and t= (future); "
+        "an expired signature is a permerror, RFC 6376 §6.1.1 (libopendkim's clock drift)",
+        check_range(0, 86400),
     )
     ignore_domains: tuple[str, ...] = setting(
         (),

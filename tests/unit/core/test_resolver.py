@@ -59,3 +59,22 @@ def test_servfail_is_temperror(dns: LoopbackDNS, resolver: Resolver) -> None:
     with pytest.raises(TempError):
         resolver.txt("fail.example")
     dns.set_fail(False)
+
+
+@pytest.mark.parametrize("name", [
+    "a" * 64 + ".example.com",                 # LabelTooLong
+    "a..example.com",                          # EmptyLabel
+    ".".join(["abcdefghij" * 6] * 5),          # NameTooLong
+    "exa\\mple.com\\",                         # BadEscape
+    "ex\udcffample.com",                       # not encodable
+])
+def test_name_that_cannot_exist_is_empty_not_temperror(dns: LoopbackDNS,
+                                                       resolver: Resolver, name: str) -> None:
+    # Even with the server failing, a name that cannot be a DNS name is never asked
+    # for and is a permanent "no such name", not a temperror to retry.
+    dns.set_fail(True)
+    try:
+        assert resolver.txt(name) == []
+        assert resolver.query(name, "A") == []
+    finally:
+        dns.set_fail(False)
