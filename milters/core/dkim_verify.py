@@ -75,6 +75,10 @@ PASS, FAIL, NEUTRAL, POLICY = "pass", "fail", "neutral", "policy"
 TEMPERROR, PERMERROR, NONE = "temperror", "permerror", "none"
 
 TxtLookup = Callable[[str], list[bytes]]
+# Seconds of key lookups per message, all signatures together: below Postfix's
+# milter_content_timeout (300 s) and, with the default DNS timeout of 5 s, room
+# for four signatures whose domains never answer.
+DNS_BUDGET = 20.0
 
 
 @dataclass(frozen=True)
@@ -203,20 +207,38 @@ def _b64(value: bytes, what: str) -> bytes:
 def verify_all(headers: Sequence[DkimHeader], body: bytes, lookup: TxtLookup,
                max_signatures: int, min_key_bits: int,
                ignore_domains: Sequence[str] = (), clock_skew: int = DEFAULT_CLOCK_SKEW,
-               now: float | None = None) -> tuple[list[SignatureResult], int]:
+               now: float | None = None, dns_budget: float = DNS_BUDGET
+               ) -> tuple[list[SignatureResult], int]:
     """Results for the first `max_signatures` DKIM-Signature fields (top down), and
     how many further signatures were left unverified (they get no result, as in
-    OpenDKIM: RFC 8601 asks for no result per signature)."""
+    OpenDKIM: RFC 8601 asks for no result per signature).
+
+    Key lookups share `dns_budget` seconds: ten signatures whose domains all time
+    out would otherwise cost ten DNS timeouts, past Postfix's milter timeouts; a
+    signature whose key is looked up after the budget is spent is a temperror.
+    """
     cache = _MessageCache(headers, body)
     fields = [h for h in headers if h[0].lower() == b"dkim-signature"]
     when = int(time.time() if now is None else now)
     results = []
+    budgeted = _budgeted(lookup, dns_budget)
     for sig_field in fields[:max_signatures]:
-        r = verify_one(sig_field, cache, lookup, min_key_bits, ignore_domains,
+        r = verify_one(sig_field, cache, budgeted, min_key_bits, ignore_domains,
                        clock_skew, when)
         if r is not None:
             results.append(r)
     return results, max(0, len(fields) - max_signatures)
+
+
+def _budgeted(lookup: TxtLookup, budget: float) -> TxtLookup:
+    deadline = time.monotonic() + budget
+
+    def within_budget(name: str) -> list[bytes]:
+        if time.monotonic() >= deadline:
+            raise TempError(f"the message's {budget:g} s budget for key lookups is spent")
+        return lookup(name)
+
+    return within_budget
 
 
 def ignored(domain: str, ignore_domains: Sequence[str]) -> bool:

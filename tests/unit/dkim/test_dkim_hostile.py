@@ -24,7 +24,7 @@ from milters.core.dkim_verify import (
     verify_all,
     without_b,
 )
-from milters.core.errors import ConfigError
+from milters.core.errors import ConfigError, TempError
 from milters.core.model import Header, parse_message
 from milters.dkim.keys import load_key_table, load_private_key
 from milters.dkim.message import break_long_body_lines
@@ -259,3 +259,24 @@ def test_key_table_with_inline_key_must_be_private(tmp_path: Path, keys: TestKey
     paths.write_text(f"rsakey example.com:rsa:{keys.rsa}\n")
     os.chmod(paths, 0o644)
     assert [k.name for k in load_key_table(str(paths), False)] == ["rsakey"]
+
+
+def test_key_lookups_share_one_budget_per_message() -> None:
+    """Ten signatures whose key lookups each take (here) 0.3 s: once the message's
+    budget is spent, the rest are temperror without asking DNS at all."""
+    asked: list[str] = []
+
+    def slow_lookup(name: str) -> list[bytes]:
+        asked.append(name)
+        time.sleep(0.3)
+        raise TempError("timeout")
+
+    sigs = [b"DKIM-Signature: " + TEMPLATE.replace(b"s=rsa", b"s=s%d" % i) for i in range(10)]
+    headers, body = parse_message(b"\r\n".join(sigs) + b"\r\n" + MESSAGE)
+    started = time.monotonic()
+    results, _ = verify_all(dkim_headers(headers), body, slow_lookup, 10, 1024,
+                            now=NOW, dns_budget=1.0)
+    assert time.monotonic() - started < 3.0
+    assert [r.result for r in results] == ["temperror"] * 10
+    assert 1 <= len(asked) <= 5
+    assert "budget" in results[-1].reason
