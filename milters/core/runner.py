@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
@@ -71,7 +72,42 @@ def tune_listener(fd: int, spec: SocketSpec) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
-def _worker(runtime: Runtime, listen_fd: int) -> None:
+# File descriptors a worker keeps beside its MTA connections: the listener,
+# logging, DNS and clamd sockets, spooled message bodies, the DMARC database.
+FD_RESERVE = 64
+# Descriptors one connection may hold at once: its socket and a spooled body.
+FDS_PER_CONNECTION = 2
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit.
+
+    systemd starts services with a soft limit of 1,024; held connections would
+    use it up, and libmilter's accept() then fails with EMFILE in a busy loop.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return int(hard if soft == resource.RLIM_INFINITY else soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+        return int(soft)
+    return int(hard)
+
+
+def connection_limit(name: str, configured: int, open_files: int, warn: bool = False) -> int:
+    """max_connections, lowered so that a worker never runs out of descriptors."""
+    fits = max(1, (open_files - FD_RESERVE) // FDS_PER_CONNECTION)
+    if configured > fits and warn:
+        log.warning("filter %s: max_connections = %d does not fit the open-file limit "
+                    "%d; using %d (raise LimitNOFILE)", name, configured, open_files, fits)
+    return min(configured, fits)
+
+
+def _worker(runtime: Runtime, listen_fd: int, max_connections: int) -> None:
     """Body of a forked worker: libmilter's loop, and a thread that waits for a drain."""
     child_signals()
     # Blocked before libmilter starts its threads, so they all inherit the block
@@ -84,7 +120,7 @@ def _worker(runtime: Runtime, listen_fd: int) -> None:
     ).start()
     status = 0
     try:
-        serve_forever(runtime, sessions)
+        serve_forever(runtime, sessions, max_connections)
     except LibmilterError as exc:
         log.error("filter %s: libmilter stopped: %s", runtime.filter.name, exc)
         status = 1
@@ -127,14 +163,17 @@ def _shutdown(runtime: Runtime) -> None:
         log.exception("filter %s: shutdown failed", runtime.filter.name)
 
 
-def _forker(get_runtime: Callable[[], Runtime], listen_fd: int) -> Callable[[str], int]:
+def _forker(get_runtime: Callable[[], Runtime], listen_fd: int,
+            open_files: int) -> Callable[[str], int]:
     def spawn(slot: str) -> int:
         runtime = get_runtime()
+        name = runtime.filter.name
+        limit = connection_limit(name, runtime.config.filters[name].max_connections, open_files)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             die_with_parent(DRAIN_SIGNAL, parent)
-            _worker(runtime, listen_fd)
+            _worker(runtime, listen_fd, limit)
         return pid
 
     return spawn
@@ -143,6 +182,7 @@ def _forker(get_runtime: Callable[[], Runtime], listen_fd: int) -> Callable[[str
 def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
                reload_config: Callable[[], Config]) -> int:
     """Serve filter `name` until SIGTERM. Returns the process exit status."""
+    open_files = raise_open_file_limit()
     runtime = build(cfg, name)
     settings = cfg.filters[name]
     spec = parse_socket(settings.socket)
@@ -157,13 +197,16 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
     tune_listener(fd, spec)
     for line in runtime.filter.describe():
         log.info("filter %s: %s", name, line)
-    log.info("filter %s: listening on %s (Postfix: %s) with %d worker(s), mode=%s",
-             name, spec.libmilter, spec.postfix, settings.workers, runtime.policy.mode)
+    log.info("filter %s: listening on %s (Postfix: %s) with %d worker(s), mode=%s, "
+             "max_connections=%d per worker, open-file limit %d", name, spec.libmilter,
+             spec.postfix, cfg.workers_of(name), runtime.policy.mode,
+             connection_limit(name, settings.max_connections, open_files, warn=True), open_files)
 
     current = [runtime]
     block_signals()
-    sup = Supervisor(f"filter {name}", _forker(lambda: current[0], fd), stop_signal=DRAIN_SIGNAL)
-    for i in range(settings.workers):
+    sup = Supervisor(f"filter {name}", _forker(lambda: current[0], fd, open_files),
+                     stop_signal=DRAIN_SIGNAL)
+    for i in range(cfg.workers_of(name)):
         sup.start(f"worker {i + 1}")
 
     def on_reload() -> None:
@@ -181,7 +224,7 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
             return
         current[0] = new_rt
         old = [pid for pid, c in sup.children.items() if not c.retiring]
-        for i in range(new_cfg.filters[name].workers):
+        for i in range(new_cfg.workers_of(name)):
             sup.start(f"worker {i + 1}")
         sup.retire(old)
         log.info("filter %s: configuration reloaded from %s", name, new_cfg.source)
