@@ -20,6 +20,7 @@ import resource
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from milters.core.adapter import LibmilterError, open_socket, serve_forever
@@ -107,16 +108,87 @@ def connection_limit(name: str, configured: int, open_files: int, warn: bool = F
     return min(configured, fits)
 
 
-def _worker(runtime: Runtime, listen_fd: int, max_connections: int) -> None:
-    """Body of a forked worker: libmilter's loop, and a thread that waits for a drain."""
+# How often a worker counts its open descriptors (see ListenerGate).
+FD_CHECK_SECONDS = 0.5
+
+
+class ListenerGate:
+    """This worker's hold on the shared listening socket.
+
+    Taking a connection away from libmilter is done by putting, on its listening
+    fd number, a pipe that never becomes readable: its accept loop then idles
+    (other workers keep the real socket). Used for good by a drain, and for a
+    while when the worker runs short of descriptors: libmilter's listener, on
+    EMFILE, polls and fails accept() in a busy loop at 100 % CPU, answering no
+    one; held connections (accepted, never negotiated: the connection limit at
+    negotiation cannot see them) could drive it there.
+    """
+
+    def __init__(self, listen_fd: int) -> None:
+        self._fd = listen_fd
+        self._socket = os.dup(listen_fd)
+        self._never_readable, self._keep_open = os.pipe()
+        self._lock = threading.Lock()
+        self.paused = False
+        self._retired = False
+
+    def pause(self) -> bool:
+        with self._lock:
+            if self.paused or self._retired:
+                return False
+            os.dup2(self._never_readable, self._fd)
+            self.paused = True
+            return True
+
+    def resume(self) -> bool:
+        with self._lock:
+            if not self.paused or self._retired:
+                return False
+            os.dup2(self._socket, self._fd)
+            self.paused = False
+            return True
+
+    def retire(self) -> None:
+        with self._lock:
+            os.dup2(self._never_readable, self._fd)
+            self._retired = True
+
+
+def _watch_descriptors(name: str, gate: ListenerGate, open_files: int) -> None:
+    """Pause accepting before descriptors run out, resume when they are back."""
+    high = open_files - FD_RESERVE // 2
+    low = open_files - FD_RESERVE
+    while True:
+        time.sleep(FD_CHECK_SECONDS)
+        try:
+            in_use = sum(1 for _ in os.scandir("/proc/self/fd"))
+        except OSError:  # EMFILE itself: we are at the limit
+            in_use = open_files
+        if in_use >= high and gate.pause():
+            log.warning("filter %s: %d of %d open files in use; not accepting connections "
+                        "until some close (raise LimitNOFILE, or look for held connections)",
+                        name, in_use, open_files)
+        elif in_use < low and gate.resume():
+            log.info("filter %s: %d of %d open files in use; accepting connections again",
+                     name, in_use, open_files)
+
+
+def _worker(runtime: Runtime, listen_fd: int, max_connections: int, open_files: int) -> None:
+    """Body of a forked worker: libmilter's loop, a thread that waits for a drain
+    and one that watches the descriptors."""
     child_signals()
     # Blocked before libmilter starts its threads, so they all inherit the block
     # and only the drain thread's sigwait receives it.
     signal.pthread_sigmask(signal.SIG_BLOCK, {DRAIN_SIGNAL})
     sessions = SessionCounter()
+    gate = ListenerGate(listen_fd)
     threading.Thread(
-        target=_drain_on_request, args=(runtime, sessions, listen_fd),
+        target=_drain_on_request, args=(runtime, sessions, gate),
         name="drain", daemon=True,
+    ).start()
+    threading.Thread(
+        target=_watch_descriptors, args=(runtime.filter.name, gate, open_files),
+        name="descriptors", daemon=True,
     ).start()
     status = 0
     try:
@@ -129,7 +201,7 @@ def _worker(runtime: Runtime, listen_fd: int, max_connections: int) -> None:
     os._exit(status)
 
 
-def _drain_on_request(runtime: Runtime, sessions: SessionCounter, listen_fd: int) -> None:
+def _drain_on_request(runtime: Runtime, sessions: SessionCounter, gate: ListenerGate) -> None:
     """Stop taking connections, let the open sessions finish, then exit.
 
     libmilter's own stop (SIGTERM) also stops serving the sessions in progress
@@ -143,8 +215,7 @@ def _drain_on_request(runtime: Runtime, sessions: SessionCounter, listen_fd: int
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
     signal.sigwait({DRAIN_SIGNAL})
     name = runtime.filter.name
-    never_readable, _keep_open = os.pipe()
-    os.dup2(never_readable, listen_fd)
+    gate.retire()
     open_now = sessions.open
     if open_now:
         log.info("filter %s: draining %d open session(s)", name, open_now)
@@ -173,7 +244,7 @@ def _forker(get_runtime: Callable[[], Runtime], listen_fd: int,
         pid = os.fork()
         if pid == 0:
             die_with_parent(DRAIN_SIGNAL, parent)
-            _worker(runtime, listen_fd, limit)
+            _worker(runtime, listen_fd, limit, open_files)
         return pid
 
     return spawn
