@@ -19,9 +19,11 @@ reply and must still answer at the next step that has one.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -397,3 +399,79 @@ def test_odd_macro_list_with_postfix_offer(filters: dict[str, Running], name: st
     refusals = [x for x in replies if x.final]
     assert refusals and refusals[0].smtp_reply == VIOLATION, replies
     assert_unharmed(f)
+
+
+# -- held connections ------------------------------------------------------
+
+
+def accepted(f: Running) -> bool:
+    try:
+        return normal_message(f).verdict == "accept"
+    except client.MilterClientError:
+        return False
+
+
+def worker_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_limited(tmp_path: Path, factory: ProcessFactory, extra: str,
+                  open_files: int | None = None) -> Running:
+    port = free_port()
+    config = tmp_path / "limited.toml"
+    config.write_text(f'[global]\nauthserv_id = "{AUTHSERV}"\n'
+                      f'[checks]\nsocket = "inet:{port}@127.0.0.1"\nworkers = 1\n{extra}')
+    argv = [sys.executable, "-m", "milters", "run", "checks", "--config", str(config)]
+    if open_files is not None:
+        argv = ["prlimit", f"--nofile={open_files}:{open_files}", *argv]
+    proc = factory.start(argv, port, env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    path = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    assert wait_until(lambda: len(path.read_text().split()) == 1, 10)
+    return Running("checks", proc, port, int(path.read_text().split()[0]))
+
+
+def test_connection_limit_answers_tempfail_and_logs(tmp_path: Path) -> None:
+    with ProcessFactory() as factory:
+        f = start_limited(tmp_path, factory, "max_connections = 2\n")
+        held = [client.MilterSession(f.spec, timeout=ANSWER_TIMEOUT) for _ in range(2)]
+        for s in held:
+            s.open()
+            s.connect(envelope())
+        with client.MilterSession(f.spec, timeout=ANSWER_TIMEOUT) as extra:
+            refused = extra.connect(envelope())
+        assert refused.action == "tempfail"
+        assert refused.smtp_reply == "451 4.3.2 filter busy, try again later"
+        assert wait_until(lambda: "limit max_connections = 2" in f.proc.output(), 5)
+        for s in held:
+            s.quit()
+        # Once the held connections close, a new message is answered as usual.
+        assert wait_until(lambda: accepted(f), 15, interval=0.5)
+        assert f.children() == [f.worker]
+        assert "Traceback" not in f.proc.output()
+
+
+def test_held_connections_do_not_make_the_listener_spin(tmp_path: Path) -> None:
+    """Connections accepted and never negotiated use up the open files; libmilter's
+    accept() then failed with EMFILE in a busy loop. The worker stops accepting
+    instead, and serves again when they close."""
+    limit = 128
+    with ProcessFactory() as factory:
+        f = start_limited(tmp_path, factory, "", open_files=limit)
+        held = []
+        for _ in range(limit + 40):
+            held.append(socket.create_connection(("127.0.0.1", f.port), timeout=5))
+        try:
+            assert wait_until(lambda: "not accepting connections" in f.proc.output(), 10)
+            before, started = worker_cpu_seconds(f.worker), time.monotonic()
+            time.sleep(2.0)
+            busy = (worker_cpu_seconds(f.worker) - before) / (time.monotonic() - started)
+            # A spinning listener burns a whole core (about 1.0); an idle one ~0.
+            assert busy < 0.5, busy
+        finally:
+            for s in held:
+                s.close()
+        assert wait_until(lambda: "accepting connections again" in f.proc.output(), 10)
+        assert wait_until(lambda: accepted(f), 20, interval=0.5)
+        assert f.children() == [f.worker]
+        assert "Traceback" not in f.proc.output()
