@@ -156,13 +156,13 @@ class Session(Milter.Base):  # type: ignore[misc]
         """One try per callback: nothing raises into pymilter, every failure is
         answered (now, or at the next callback that can answer), never silence."""
         try:
-            refusal = self._refusal or self._pending
-            if refusal is None and self._helo_late and name != "hello":
-                self._helo_late = False
-                refusal = self.pipeline.helo()  # a HELO pymilter could not decode
             if name == "envfrom":
                 self._pending = None  # a new message starts clean
-                refusal = self._refusal
+            refusal = self._refusal or self._pending
+            if refusal is None and self._helo_late and name not in ("hello", "abort", "close"):
+                # The HELO pymilter could not decode, decided now (see undecodable).
+                self._helo_late = False
+                refusal = self._pending = self.pipeline.helo()
             if refusal is None:
                 return impl(self, *args)
         except ProtocolViolation as exc:
