@@ -153,6 +153,10 @@ KillMode=mixed
 TimeoutStopSec=60
 Restart=on-failure
 RestartSec=2s
+# Open files: one per MTA connection and a few more. The default soft limit
+# (1,024) is too low for many held connections; each worker also caps its
+# connections (max_connections) and stops accepting before running out.
+LimitNOFILE=65536
 
 # /etc/milters (config, tables, DKIM keys) and /var/lib/milters (the DMARC history).
 ConfigurationDirectory=milters

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+import logging
 import socket
+import sys
+import threading
 import types
 from collections.abc import Callable
 from typing import Any
@@ -21,26 +25,48 @@ import milter
 
 from milters.core import authresults
 from milters.core.filter import Stage
+from milters.core.macroreader import LayoutError, MacroReader, Macros
 from milters.core.model import Connection, Header, Transaction, unbracket
 from milters.core.pipeline import Pipeline
 from milters.core.runtime import Runtime, SessionCounter
-from milters.core.verdict import ABOVE_RECEIVED, Action, EditKind, HeaderEdit, Verdict
+from milters.core.verdict import ABOVE_RECEIVED, Action, EditKind, HeaderEdit, Reply, Verdict
 
-# Macros Postfix can send (postconf milter_*_macros); we ask for each at the stage
+log = logging.getLogger(__name__)
+
+# Macros Postfix can send (postconf milter_*_macros); we take each at the stage
 # Postfix sends it and remember it from there on (`i` only arrives late by default).
+# Each read of libmilter's lists costs the same whatever we take from it (about
+# 20 us, core/macroreader.py), so we read only where a filter uses something:
+# connect ({daemon_name}), MAIL ({auth_authen}, `i`) and end of message (`i`),
+# not at HELO or RCPT. An odd list sent there is still seen at the next read.
 CONNECT_MACROS = ("j", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}", "v",
                   "{client_addr}", "{client_name}", "{client_port}", "{client_ptr}")
-HELO_MACROS = ("{tls_version}", "{cipher}", "{cipher_bits}", "{cert_subject}", "{cert_issuer}")
 MAIL_MACROS = ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr}",
                "{mail_host}", "{mail_mailer}")
-RCPT_MACROS = ("{rcpt_addr}", "{rcpt_host}", "{rcpt_mailer}")
 EOM_MACROS = ("i", "{msg_id}")
+
+# libmilter's ctx_state while a callback runs (engine.c ST_*).
+_ST_CONN = 2
+_ST_HELO = 3
+_ST_HDRS = 7
 
 _MILTER_RESULT = types.MappingProxyType({
     Action.REJECT: Milter.REJECT,
     Action.TEMPFAIL: Milter.TEMPFAIL,
     Action.DISCARD: Milter.DISCARD,
 })
+
+# Named replies for what the adapter itself refuses (never exception text).
+REPLY_PROTOCOL_VIOLATION = Reply("451", "4.7.0", "malformed milter data, try again later")
+REPLY_TOO_MANY_CONNECTIONS = Reply("451", "4.3.2", "filter busy, try again later")
+REPLY_MACROS_UNREADABLE = Reply("451", "4.3.0", "temporary local problem, please try again later")
+
+# Seconds between two log lines about refused connections (per worker).
+REFUSAL_LOG_INTERVAL = 10.0
+
+
+class ProtocolViolation(Exception):
+    """The MTA side sent something no MTA sends; the connection is refused."""
 
 
 class Session(Milter.Base):  # type: ignore[misc]
@@ -49,26 +75,72 @@ class Session(Milter.Base):  # type: ignore[misc]
     runtime: Runtime
     sessions: SessionCounter
     actions: int  # action_flags(runtime), once per class, not per connection
+    macro_reader: MacroReader
+    max_connections: int
+    # pymilter gives every connection its own Python thread state (miltermodule.c
+    # _get_context), and threading.local lives in the thread state: so this is
+    # per connection. It lets the excepthook (see `undecodable`) find the session
+    # whose arguments pymilter could not decode.
+    current: threading.local
 
     def __init__(self) -> None:
         self.conn = Connection()
         self.pipeline = Pipeline(self.runtime, self.conn)
         self.tx: Transaction | None = None
+        # A refusal for the rest of the connection (protocol violation, limit),
+        # and one for the rest of the message (an error where no answer could go).
+        self._refusal: Verdict | None = None
+        self._pending: Verdict | None = None
+        self._helo_late = False
         self.sessions.opened()
         self._counted = True
+        self.current.session = self
 
     def negotiate(self, opts: list[int]) -> int:
         # pymilter hands back every action the MTA offers; declare only ours.
         rc = int(super().negotiate(opts))
         opts[0] &= self.actions
         self._actions = opts[0]
+        if self.sessions.open > self.max_connections:
+            # Over the limit: have connect answered (even by a filter that takes
+            # it without a reply) so that we can refuse there; Postfix defers.
+            opts[1] &= ~Milter.P_NR_CONN
+            self._protocol = opts[1]
+            self._refusal = Verdict(Action.TEMPFAIL, reply=REPLY_TOO_MANY_CONNECTIONS,
+                                    reason="connection limit")
+            refused = self.sessions.refused(REFUSAL_LOG_INTERVAL)
+            if refused:
+                log.warning("filter %s: %d open connections reached this worker's limit "
+                            "max_connections = %d; refused %d connection(s) with %s",
+                            self.runtime.filter.name, self.sessions.open - 1,
+                            self.max_connections, refused, REPLY_TOO_MANY_CONNECTIONS)
         return rc
 
     def _macros(self, names: tuple[str, ...], into: dict[str, str]) -> None:
+        macros = self._read_macros()
         for name in names:
-            value = self.getsymval(name)
+            value = macros.get(name)
             if value:
                 into[name] = value
+
+    def _read_macros(self) -> Macros:
+        try:
+            macros = self.macro_reader.read(self._ctx)
+        except LayoutError as exc:
+            # Fail closed: without {auth_authen} or {daemon_name} a filter would
+            # decide wrongly (an unsigned outgoing message, an SPF reject of our
+            # own user), and guessing at memory is what we set out not to do.
+            self._refusal = Verdict(Action.TEMPFAIL, reply=REPLY_MACROS_UNREADABLE,
+                                    reason="macros unreadable")
+            raise ProtocolViolation(
+                f"cannot read libmilter's macros safely ({exc}); this libmilter build "
+                "does not match the layout in core/macroreader.py"
+            ) from None
+        if macros.odd_lists:
+            raise ProtocolViolation(
+                f"macro list with an odd number of strings at {', '.join(macros.odd_lists)}"
+            )
+        return macros
 
     def _answer(self, refused: Verdict | None) -> int:
         if refused is None or refused.action is Action.ACCEPT:
@@ -76,8 +148,78 @@ class Session(Milter.Base):  # type: ignore[misc]
         r = refused.reply
         if r is not None and refused.action in (Action.REJECT, Action.TEMPFAIL):
             # libmilter silently drops a reply with a lone '%': double them.
-            self.setreply(r.code, r.xcode or None, r.text.replace("%", "%%"))
+            self.setreply(r.code, r.xcode or None, _wire(r.text).replace("%", "%%"))
         return int(_MILTER_RESULT[refused.action])
+
+    # -- the backstop -------------------------------------------------------
+
+    def _guard(self, name: str, impl: Callable[..., int], args: tuple[Any, ...],
+               can_answer: bool) -> int:
+        """One try per callback: nothing raises into pymilter, every failure is
+        answered (now, or at the next callback that can answer), never silence."""
+        try:
+            if name == "envfrom":
+                self._pending = None  # a new message starts clean
+            refusal = self._refusal or self._pending
+            if refusal is None and self._helo_late and name not in ("hello", "abort", "close"):
+                # The HELO pymilter could not decode, decided now (see undecodable).
+                self._helo_late = False
+                refusal = self._pending = self.pipeline.helo()
+            if refusal is None:
+                return impl(self, *args)
+        except ProtocolViolation as exc:
+            if self._refusal is None:
+                self._refusal = Verdict(Action.TEMPFAIL, reply=REPLY_PROTOCOL_VIOLATION,
+                                        reason="protocol violation")
+            log.warning("queue_id=%s filter=%s stage=%s protocol violation: %s; answering %s",
+                        self.pipeline.queue_id(self.tx), self.runtime.filter.name, name, exc,
+                        self._refusal.reply)
+            refusal = self._refusal
+        except Exception:  # the backstop, by design: logged with its traceback
+            refusal = self.pipeline.failed(self.tx, f"error in the {name} callback")
+            if refusal.action is Action.ACCEPT:
+                # on_error = accept: let this message through untouched.
+                self._drop_tx()
+                return int(Milter.ACCEPT) if can_answer else int(Milter.CONTINUE)
+            self._pending = refusal
+        if name in ("abort", "close"):
+            if name == "close":
+                self._close()
+            else:
+                self._abort()
+            return int(Milter.CONTINUE)
+        if not can_answer:
+            return int(Milter.CONTINUE)  # the next callback that answers says it
+        return self._answer(refusal)
+
+    def undecodable(self, raw: bytes) -> None:
+        """pymilter could not decode an argument of the callback now running (it
+        builds connect's host name, HELO and header names as strict UTF-8 in C,
+        before any of our code runs). libmilter's state tells which it was."""
+        try:
+            state = self.macro_reader.state(self._ctx)
+        except LayoutError:
+            state = -1
+        text = raw.decode("utf-8", "surrogateescape")
+        if state == _ST_HELO:
+            # RFC 5321 §4.1.1.1: HELO is a domain or an address literal; 8-bit
+            # bytes (reachable from SMTP with smtputf8_enable = no) are the
+            # filter's to judge, so hand it the bytes, escaped, at the next step.
+            self.conn.helo = text
+            self._helo_late = Stage.HELO in self.runtime.needed
+            log.info("queue_id=%s filter=%s HELO is not UTF-8: %r",
+                     self.pipeline.queue_id(self.tx), self.runtime.filter.name, raw[:100])
+            return
+        what = {_ST_CONN: "client host name", _ST_HDRS: "header field name"}.get(
+            state, "callback argument")
+        # RFC 5322 §2.2: a field name is printable US-ASCII; Postfix's host
+        # names are validated ASCII. Only a broken or hostile client sends these.
+        if self._refusal is None:
+            self._refusal = Verdict(Action.TEMPFAIL, reply=REPLY_PROTOCOL_VIOLATION,
+                                    reason="protocol violation")
+        log.warning("queue_id=%s filter=%s protocol violation: %s is not UTF-8: %r; "
+                    "answering %s", self.pipeline.queue_id(self.tx),
+                    self.runtime.filter.name, what, raw[:100], self._refusal.reply)
 
     # -- callbacks (copied onto the per-filter class as needed) -------------
 
@@ -91,7 +233,6 @@ class Session(Milter.Base):  # type: ignore[misc]
 
     def _hello(self, helo: str) -> int:
         self.conn.helo = helo
-        self._macros(HELO_MACROS, self.conn.macros)
         return self._answer(self.pipeline.helo())
 
     def _envfrom(self, mail_from: bytes, *params: bytes) -> int:
@@ -108,9 +249,8 @@ class Session(Milter.Base):  # type: ignore[misc]
         return self._answer(self.pipeline.mail(tx))
 
     def _envrcpt(self, rcpt: bytes, *params: bytes) -> int:
-        if self.tx is None:  # not reachable with a conforming MTA
-            return int(Milter.CONTINUE)
-        self._macros(RCPT_MACROS, self.tx.macros)
+        if self.tx is None:  # RCPT without MAIL: not from a conforming MTA
+            raise ProtocolViolation("RCPT before MAIL")
         address = unbracket(rcpt.decode("utf-8", "surrogateescape"))
         return self._answer(self.pipeline.rcpt(self.tx, address))
 
@@ -118,28 +258,34 @@ class Session(Milter.Base):  # type: ignore[misc]
         # Answered on purpose (not @noreply): Postfix then waits for our reply
         # instead of leaving its small macro packet unacknowledged, which costs
         # a 40 ms delayed-ACK stall per message (shared/notes/milter-latency.md).
+        if self.tx is None:
+            raise ProtocolViolation("DATA before MAIL")
         return int(Milter.CONTINUE)
 
     def _header(self, name: str, value: bytes) -> int:
-        if self.tx is not None:
-            self.tx.headers.append(Header(name, value))
+        if self.tx is None:
+            raise ProtocolViolation("header before MAIL")
+        self.tx.headers.append(Header(name, value))
         return int(Milter.CONTINUE)
 
     def _eoh(self) -> int:
         # Answered, like data(): Postfix flushes the headers it buffered (they
         # need no reply) in one write and waits for us; no small write is left
         # waiting for a delayed ACK.
+        if self.tx is None:
+            raise ProtocolViolation("end of header before MAIL")
         return int(Milter.CONTINUE)
 
     def _body(self, chunk: bytes) -> int:
-        if self.tx is not None:
-            self.tx.body.write(chunk)
+        if self.tx is None:
+            raise ProtocolViolation("body before MAIL")
+        self.tx.body.write(chunk)
         return int(Milter.CONTINUE)
 
     def _eom(self) -> int:
         tx = self.tx
         if tx is None:
-            return int(Milter.CONTINUE)
+            raise ProtocolViolation("end of message before MAIL")
         self._macros(EOM_MACROS, tx.macros)
         outcome = self.pipeline.end_of_message(tx)
         verdict = outcome.verdict
@@ -174,14 +320,14 @@ class Session(Milter.Base):  # type: ignore[misc]
         changes += [HeaderEdit(EditKind.DELETE, authresults.FIELD_NAME, index=i) for i in forged]
         for e in sorted(changes, key=lambda e: (e.name.lower(), -e.index)):
             value = None if e.kind is EditKind.DELETE else _value(e.value, leadspc)
-            self.chgheader(e.name, _shifted(tx, e, inserts), value)
+            self.chgheader(_wire(e.name), _shifted(tx, e, inserts), value)
         for e in verdict.header_edits:
             if e.kind is EditKind.ADD:
-                self.addheader(e.name, _value(e.value, leadspc))
+                self.addheader(_wire(e.name), _value(e.value, leadspc))
         for rcpt in verdict.del_rcpts:
-            self.delrcpt(f"<{rcpt}>")
+            self.delrcpt(_wire(f"<{rcpt}>"))
         for rcpt in verdict.add_rcpts:
-            self.addrcpt(f"<{rcpt}>")
+            self.addrcpt(_wire(f"<{rcpt}>"))
         if verdict.replace_body is not None:
             body = verdict.replace_body
             for i in range(0, max(len(body), 1), 65535):
@@ -196,13 +342,13 @@ class Session(Milter.Base):  # type: ignore[misc]
             self._insert(HeaderEdit(EditKind.INSERT, authresults.FIELD_NAME, value,
                                     ABOVE_RECEIVED), leadspc)
         if verdict.quarantine:
-            self.quarantine(verdict.quarantine)
+            self.quarantine(_wire(verdict.quarantine))
         return int(Milter.ACCEPT)
 
     def _insert(self, edit: HeaderEdit, leadspc: bool) -> None:
         # Postfix counts its own hidden Received field as position 0: "before the
         # field we saw at 0-based position p" is index p + 1, ABOVE_RECEIVED (-1) is 0.
-        self.addheader(edit.name, _value(edit.value, leadspc), edit.index + 1)
+        self.addheader(_wire(edit.name), _value(edit.value, leadspc), edit.index + 1)
 
     def _abort(self) -> int:
         self._drop_tx()
@@ -216,6 +362,8 @@ class Session(Milter.Base):  # type: ignore[misc]
         return int(Milter.CONTINUE)
 
     def _drop_tx(self) -> None:
+        # The end of a message ends what was pending for it.
+        self._pending = None
         if self.tx is not None:
             self.tx.close()
         self.tx = None
@@ -239,19 +387,39 @@ def _shifted(tx: Transaction, edit: HeaderEdit, inserts: list[HeaderEdit]) -> in
 def _value(value: str, leadspc: bool) -> str:
     # With SMFIP_HDR_LEADSPC negotiated Postfix takes values verbatim, so the
     # space after the colon is ours to write.
+    value = _wire(value)
     return " " + value if leadspc and not value.startswith((" ", "\t")) else value
 
 
-def adapter_class(runtime: Runtime, sessions: SessionCounter) -> type[Session]:
+def _wire(text: str) -> str:
+    """Text pymilter can send: it encodes strict UTF-8, and a value we write may
+    carry 8-bit bytes from the envelope as surrogate escapes (a HELO or MAIL FROM
+    that is not UTF-8): each becomes '?' rather than an error at end of message."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def adapter_class(runtime: Runtime, sessions: SessionCounter, macro_reader: MacroReader,
+                  max_connections: int) -> type[Session]:
     """A Session subclass with exactly the callbacks this filter needs."""
     needed = runtime.needed
     bypass = bool(runtime.policy.bypass_recipients)
     ns: dict[str, Any] = {"runtime": runtime, "sessions": sessions,
-                          "actions": action_flags(runtime)}
+                          "actions": action_flags(runtime), "macro_reader": macro_reader,
+                          "max_connections": max_connections, "current": threading.local()}
 
     def cb(name: str, impl: Callable[..., int], reply: bool, raw: bool = False) -> None:
+        nr_bit = int(Milter.OPTIONAL_CALLBACKS.get(name, (0, 0))[0])
+
         def method(self: Session, *args: Any) -> int:
-            return impl(self, *args)
+            # With @noreply negotiated there is no answer to give now (libmilter
+            # answers CONTINUE itself to an MTA that wants one): a refusal waits
+            # for the next callback that answers.
+            can_answer = reply or not self._protocol & nr_bit
+            return self._guard(name, impl, args, can_answer)
 
         method.__name__ = name
         wrapped: Any = method if reply else Milter.noreply(method)
@@ -313,6 +481,10 @@ def open_socket(name: str, runtime: Runtime, conn: str, timeout: int) -> None:
     milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
     milter.set_close_callback(Milter.close_callback)
     milter.set_flags(action_flags(runtime))
+    # An argument pymilter cannot build (8-bit where it wants UTF-8) would
+    # otherwise answer "451 pymilter: untrapped exception"; we answer it
+    # ourselves at the next callback (see _excepthook).
+    milter.set_exception_policy(Milter.CONTINUE)
     milter.register(
         name,
         data=lambda ctx: ctx.getpriv().data(),
@@ -342,9 +514,32 @@ def _raise_packet_limit() -> None:
     lib.smfi_setmaxdatasize(MAX_PACKET)
 
 
-def serve_forever(runtime: Runtime, sessions: SessionCounter) -> None:
+def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: int) -> None:
     """libmilter's accept loop, until it is told to stop (SIGTERM)."""
+    timeout = int(runtime.config.filters[runtime.filter.name].timeout)
+    reader = MacroReader(timeout)  # /proc/self/mem of this worker, after the fork
+    klass = adapter_class(runtime, sessions, reader, max_connections)
     # pymilter makes each session from this one module attribute; it is set once
     # per worker process, before any thread exists.
-    Milter.factory = adapter_class(runtime, sessions)
+    Milter.factory = klass
+    # Process-wide, once per worker, before any thread exists: see _excepthook.
+    sys.excepthook = functools.partial(_excepthook, klass)
     milter.main()
+
+
+def _excepthook(klass: type[Session], kind: type[BaseException], exc: BaseException,
+                tb: types.TracebackType | None) -> None:
+    """What pymilter's C callbacks raise before our code runs.
+
+    pymilter builds connect's host name, HELO and header names as strict UTF-8
+    (Py_BuildValue "s"); on 8-bit bytes it prints the exception (PyErr_Print,
+    which calls sys.excepthook) and answers with its exception policy, which we
+    set to CONTINUE. Our own callbacks never raise (Session._guard). So an
+    exception here is an undecodable argument: hand its bytes to the session of
+    this thread state, which answers at its next callback.
+    """
+    session = getattr(klass.current, "session", None)
+    if isinstance(exc, UnicodeDecodeError) and isinstance(session, Session):
+        session.undecodable(bytes(exc.object))
+        return
+    log.error("unexpected error outside a callback: %s: %s", kind.__name__, exc)

@@ -75,6 +75,12 @@ def check_socket(value: str) -> str | None:
     return None
 
 
+def auto_workers() -> int:
+    """workers = 0: at least 2 (one busy message never blocks the filter), one
+    per CPU, at most 8."""
+    return min(max(2, os.cpu_count() or 1), 8)
+
+
 def default_authserv_id() -> str:
     return socket.getfqdn() or "localhost"
 
@@ -131,7 +137,18 @@ class FilterSettings:
     socket: str = setting("", "listening socket: inet:PORT@HOST or inet:HOST:PORT", check_socket)
     mode: Mode | None = setting(None, "overrides [global] mode for this filter")
     on_error: OnError | None = setting(None, "overrides [global] on_error for this filter")
-    workers: int = setting(1, "processes serving this filter's socket", check_range(1, 64))
+    workers: int = setting(
+        0,
+        "processes serving this filter's socket; 0: sized to the machine, "
+        "min(max(2, CPUs), 8), so that one stuck message never stops the filter",
+        check_range(0, 64),
+    )
+    max_connections: int = setting(
+        256,
+        "open MTA connections one worker serves; a connection over it gets a tempfail "
+        "at connect (Postfix defers) and a log line; lowered to fit the open-file limit",
+        check_range(1, 100000),
+    )
     timeout: float = setting(
         60.0, "seconds libmilter waits on a silent MTA before dropping it", check_range(1, 3600)
     )
@@ -147,6 +164,10 @@ class Config:
 
     def filter(self, name: str) -> FilterSettings:
         return self.filters[name]
+
+    def workers_of(self, name: str) -> int:
+        """The number of worker processes: `workers`, or sized to the machine."""
+        return self.filters[name].workers or auto_workers()
 
     def mode_of(self, name: str) -> str:
         return self.filters[name].mode or self.global_.mode

@@ -16,9 +16,11 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from milters.core.adapter import LibmilterError, open_socket, serve_forever
@@ -71,20 +73,126 @@ def tune_listener(fd: int, spec: SocketSpec) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
 
 
-def _worker(runtime: Runtime, listen_fd: int) -> None:
-    """Body of a forked worker: libmilter's loop, and a thread that waits for a drain."""
+# File descriptors a worker keeps beside its MTA connections: the listener,
+# logging, DNS and clamd sockets, spooled message bodies, the DMARC database.
+FD_RESERVE = 64
+# Descriptors one connection may hold at once: its socket and a spooled body.
+FDS_PER_CONNECTION = 2
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit.
+
+    systemd starts services with a soft limit of 1,024; held connections would
+    use it up, and libmilter's accept() then fails with EMFILE in a busy loop.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= hard:
+        return int(hard if soft == resource.RLIM_INFINITY else soft)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+        return int(soft)
+    return int(hard)
+
+
+def connection_limit(name: str, configured: int, open_files: int, warn: bool = False) -> int:
+    """max_connections, lowered so that a worker never runs out of descriptors."""
+    fits = max(1, (open_files - FD_RESERVE) // FDS_PER_CONNECTION)
+    if configured > fits and warn:
+        log.warning("filter %s: max_connections = %d does not fit the open-file limit "
+                    "%d; using %d (raise LimitNOFILE)", name, configured, open_files, fits)
+    return min(configured, fits)
+
+
+# How often a worker counts its open descriptors (see ListenerGate).
+FD_CHECK_SECONDS = 0.5
+
+
+class ListenerGate:
+    """This worker's hold on the shared listening socket.
+
+    Taking a connection away from libmilter is done by putting, on its listening
+    fd number, a pipe that never becomes readable: its accept loop then idles
+    (other workers keep the real socket). Used for good by a drain, and for a
+    while when the worker runs short of descriptors: libmilter's listener, on
+    EMFILE, polls and fails accept() in a busy loop at 100 % CPU, answering no
+    one; held connections (accepted, never negotiated: the connection limit at
+    negotiation cannot see them) could drive it there.
+    """
+
+    def __init__(self, listen_fd: int) -> None:
+        self._fd = listen_fd
+        self._socket = os.dup(listen_fd)
+        self._never_readable, self._keep_open = os.pipe()
+        self._lock = threading.Lock()
+        self.paused = False
+        self._retired = False
+
+    def pause(self) -> bool:
+        with self._lock:
+            if self.paused or self._retired:
+                return False
+            os.dup2(self._never_readable, self._fd)
+            self.paused = True
+            return True
+
+    def resume(self) -> bool:
+        with self._lock:
+            if not self.paused or self._retired:
+                return False
+            os.dup2(self._socket, self._fd)
+            self.paused = False
+            return True
+
+    def retire(self) -> None:
+        with self._lock:
+            os.dup2(self._never_readable, self._fd)
+            self._retired = True
+
+
+def _watch_descriptors(name: str, gate: ListenerGate, open_files: int) -> None:
+    """Pause accepting before descriptors run out, resume when they are back."""
+    high = open_files - FD_RESERVE // 2
+    low = open_files - FD_RESERVE
+    while True:
+        time.sleep(FD_CHECK_SECONDS)
+        try:
+            in_use = sum(1 for _ in os.scandir("/proc/self/fd"))
+        except OSError:  # EMFILE itself: we are at the limit
+            in_use = open_files
+        if in_use >= high and gate.pause():
+            log.warning("filter %s: %d of %d open files in use; not accepting connections "
+                        "until some close (raise LimitNOFILE, or look for held connections)",
+                        name, in_use, open_files)
+        elif in_use < low and gate.resume():
+            log.info("filter %s: %d of %d open files in use; accepting connections again",
+                     name, in_use, open_files)
+
+
+def _worker(runtime: Runtime, listen_fd: int, max_connections: int, open_files: int) -> None:
+    """Body of a forked worker: libmilter's loop, a thread that waits for a drain
+    and one that watches the descriptors."""
     child_signals()
     # Blocked before libmilter starts its threads, so they all inherit the block
     # and only the drain thread's sigwait receives it.
     signal.pthread_sigmask(signal.SIG_BLOCK, {DRAIN_SIGNAL})
     sessions = SessionCounter()
+    gate = ListenerGate(listen_fd)
     threading.Thread(
-        target=_drain_on_request, args=(runtime, sessions, listen_fd),
+        target=_drain_on_request, args=(runtime, sessions, gate),
         name="drain", daemon=True,
+    ).start()
+    threading.Thread(
+        target=_watch_descriptors, args=(runtime.filter.name, gate, open_files),
+        name="descriptors", daemon=True,
     ).start()
     status = 0
     try:
-        serve_forever(runtime, sessions)
+        serve_forever(runtime, sessions, max_connections)
     except LibmilterError as exc:
         log.error("filter %s: libmilter stopped: %s", runtime.filter.name, exc)
         status = 1
@@ -93,7 +201,7 @@ def _worker(runtime: Runtime, listen_fd: int) -> None:
     os._exit(status)
 
 
-def _drain_on_request(runtime: Runtime, sessions: SessionCounter, listen_fd: int) -> None:
+def _drain_on_request(runtime: Runtime, sessions: SessionCounter, gate: ListenerGate) -> None:
     """Stop taking connections, let the open sessions finish, then exit.
 
     libmilter's own stop (SIGTERM) also stops serving the sessions in progress
@@ -107,8 +215,7 @@ def _drain_on_request(runtime: Runtime, sessions: SessionCounter, listen_fd: int
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
     signal.sigwait({DRAIN_SIGNAL})
     name = runtime.filter.name
-    never_readable, _keep_open = os.pipe()
-    os.dup2(never_readable, listen_fd)
+    gate.retire()
     open_now = sessions.open
     if open_now:
         log.info("filter %s: draining %d open session(s)", name, open_now)
@@ -127,14 +234,17 @@ def _shutdown(runtime: Runtime) -> None:
         log.exception("filter %s: shutdown failed", runtime.filter.name)
 
 
-def _forker(get_runtime: Callable[[], Runtime], listen_fd: int) -> Callable[[str], int]:
+def _forker(get_runtime: Callable[[], Runtime], listen_fd: int,
+            open_files: int) -> Callable[[str], int]:
     def spawn(slot: str) -> int:
         runtime = get_runtime()
+        name = runtime.filter.name
+        limit = connection_limit(name, runtime.config.filters[name].max_connections, open_files)
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             die_with_parent(DRAIN_SIGNAL, parent)
-            _worker(runtime, listen_fd)
+            _worker(runtime, listen_fd, limit, open_files)
         return pid
 
     return spawn
@@ -143,6 +253,7 @@ def _forker(get_runtime: Callable[[], Runtime], listen_fd: int) -> Callable[[str
 def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
                reload_config: Callable[[], Config]) -> int:
     """Serve filter `name` until SIGTERM. Returns the process exit status."""
+    open_files = raise_open_file_limit()
     runtime = build(cfg, name)
     settings = cfg.filters[name]
     spec = parse_socket(settings.socket)
@@ -157,13 +268,16 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
     tune_listener(fd, spec)
     for line in runtime.filter.describe():
         log.info("filter %s: %s", name, line)
-    log.info("filter %s: listening on %s (Postfix: %s) with %d worker(s), mode=%s",
-             name, spec.libmilter, spec.postfix, settings.workers, runtime.policy.mode)
+    log.info("filter %s: listening on %s (Postfix: %s) with %d worker(s), mode=%s, "
+             "max_connections=%d per worker, open-file limit %d", name, spec.libmilter,
+             spec.postfix, cfg.workers_of(name), runtime.policy.mode,
+             connection_limit(name, settings.max_connections, open_files, warn=True), open_files)
 
     current = [runtime]
     block_signals()
-    sup = Supervisor(f"filter {name}", _forker(lambda: current[0], fd), stop_signal=DRAIN_SIGNAL)
-    for i in range(settings.workers):
+    sup = Supervisor(f"filter {name}", _forker(lambda: current[0], fd, open_files),
+                     stop_signal=DRAIN_SIGNAL)
+    for i in range(cfg.workers_of(name)):
         sup.start(f"worker {i + 1}")
 
     def on_reload() -> None:
@@ -181,7 +295,7 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
             return
         current[0] = new_rt
         old = [pid for pid, c in sup.children.items() if not c.retiring]
-        for i in range(new_cfg.filters[name].workers):
+        for i in range(new_cfg.workers_of(name)):
             sup.start(f"worker {i + 1}")
         sup.retire(old)
         log.info("filter %s: configuration reloaded from %s", name, new_cfg.source)

@@ -8,6 +8,7 @@ never mutated.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 from milters.core.config import Config
@@ -45,6 +46,8 @@ class SessionCounter:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._open = 0
+        self._refused = 0  # refusals not yet logged
+        self._logged_at = -1e9
 
     def opened(self) -> None:
         with self._lock:
@@ -55,6 +58,17 @@ class SessionCounter:
             self._open = max(0, self._open - 1)
             if self._open == 0:
                 self._idle.notify_all()
+
+    def refused(self, interval: float) -> int:
+        """Count a refused connection; the number to log now (0: stay quiet, a
+        line went out less than `interval` seconds ago)."""
+        with self._lock:
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._logged_at < interval:
+                return 0
+            count, self._refused, self._logged_at = self._refused, 0, now
+            return count
 
     @property
     def open(self) -> int:

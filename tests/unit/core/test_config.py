@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 
 from milters.core.config import (
     FilterSettings,
+    auto_workers,
     build_config,
     load_config,
     render_config,
@@ -73,7 +75,7 @@ def test_wrong_type_and_choice_name_the_key(tmp_path: Path) -> None:
 
 def test_all_problems_reported_at_once(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        load(tmp_path, '[global]\nmod = 1\n[demo]\nlimit = "x"\nworkers = 0\n')
+        load(tmp_path, '[global]\nmod = 1\n[demo]\nlimit = "x"\nworkers = -1\n')
     assert len(info.value.problems) == 3
 
 
@@ -124,3 +126,14 @@ def test_render_round_trips(tmp_path: Path) -> None:
 def test_build_config_from_mapping() -> None:
     cfg = build_config({"global": {"soft_bounce": True}}, "(test)", FILTERS, SOCKETS)
     assert cfg.global_.soft_bounce
+
+
+def test_workers_zero_is_sized_to_the_machine(tmp_path: Path) -> None:
+    path = tmp_path / "milters.toml"
+    path.write_text("[demo]\nworkers = 0\n")
+    cfg = load_config(path, FILTERS, SOCKETS)
+    assert cfg.workers_of("demo") == auto_workers() == min(max(2, os.cpu_count() or 1), 8)
+    assert auto_workers() >= 2
+    assert load_config(None, FILTERS, SOCKETS).workers_of("demo") == auto_workers()
+    path.write_text("[demo]\nworkers = 3\n")
+    assert load_config(path, FILTERS, SOCKETS).workers_of("demo") == 3
