@@ -215,12 +215,8 @@ def test_null_sender_same_answer_alone_and_in_the_chain(
     assert answers == [expected, expected]
 
 
-# Until the adapter reads macros defensively (issue 9, the adapter's part: pymilter's
-# getsymval decodes {mail_addr} and the HELO macro as strict UTF-8 and raises before
-# any filter code runs), both filters answer 451 "untrapped exception" here. The
-# filters' own handling is covered by tests/unit/spf and tests/unit/dmarc. strict:
-# this mark must go when the adapter part lands (the test then passes).
-@pytest.mark.xfail(strict=True, reason="adapter: 8-bit macro values raise in getsymval")
+# 8-bit bytes in MAIL FROM or HELO (reachable from SMTP with smtputf8_enable = no):
+# the adapter decodes them with surrogateescape, and spf and dmarc answer.
 @pytest.mark.parametrize(("mail_from", "helo", "spf_result"), [
     ("x@attacker\udcff.example", "mail.attacker.example", "none"),  # 8-bit MAIL FROM domain
     ("", "bank\udcff.example", "none"),  # null sender, 8-bit HELO
