@@ -219,6 +219,12 @@ def _content_action(
     def unknown(why: str) -> RuleAction:
         return RuleAction(Kind.UNKNOWN, Template.parse(result, groups, negated), warning=why)
 
+    if not result:
+        # maps.c maps_find(): an empty result is a table error ("returns an empty
+        # string result"); cleanup sets CLEANUP_STAT_WRITE and the message is deferred.
+        return RuleAction(Kind.CODE, Template(("4.3.0 Error: queue file write error",)), "451",
+                          warning=f"{key} lookup returns an empty string result: Postfix "
+                          "defers every message this rule matches (map lookup problem)")
     if "$" in word:
         # Postfix would read the command from the expanded text; we do not.
         return unknown(f"action word {word!r} from a $ substitution is not supported here "

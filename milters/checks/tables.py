@@ -472,7 +472,9 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
             # pcre_table(5): i (default on), s (DOTALL, default on), m, x, A, E, U.
             translated = translate_pcre(
                 source, extended=on["x"], ungreedy=on["U"], dollar_endonly=on["E"],
-                multiline=on["m"], extra=False,
+                # PCRE2 (Postfix 3.7 on Debian 12) rejects unknown escapes such as
+                # \\y whatever the X flag says, so the rule is skipped, as there.
+                multiline=on["m"], extra=True,
             )
             if on["m"]:
                 re_flags |= re.MULTILINE
