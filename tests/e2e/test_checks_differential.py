@@ -347,6 +347,10 @@ class Runs:
 @pytest.fixture(scope="module")
 def runs(postfix_instance: PostfixInstance, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[Runs]:
+    types = subprocess.run(["/usr/sbin/postconf", "-c", str(postfix_instance.config_dir),
+                            "-m"], capture_output=True, text=True, timeout=60).stdout.split()
+    assert "pcre" in types, "Postfix has no pcre: tables: install postfix-pcre " \
+        "(packaging/dev/bootstrap.sh does)"
     directory = tmp_path_factory.mktemp("differential")
     directory.chmod(0o755)  # cleanup (user postfix) reads the tables
     for parent in directory.parents:
