@@ -130,12 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
             Read the config file and every table and key file it names, and print
             the effective configuration (every key, defaults included) as TOML.
             On errors, print each one, naming the file, table and key, and exit
-            with status {EX_CONFIG}. With --sample, print the fully commented
-            sample config instead (every key with its default)."""),
+            with status {EX_CONFIG}. Table lines Postfix would skip with a
+            warning are skipped with the same warning (shown as `warning:`
+            lines); --strict turns them into errors. With --sample, print the
+            fully commented sample config instead (every key with its
+            default)."""),
     )
     _add_config(p)
     p.add_argument("--sample", action="store_true",
                    help="print the commented sample config (conf/milters.toml)")
+    p.add_argument("--strict", action="store_true",
+                   help="treat table warnings (lines Postfix would skip) as errors")
 
     p = sub.add_parser(
         "test", help="run a message through the filters offline",
@@ -391,6 +396,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
             problems += exc.problems
             continue
         described += [f"# {name}: {line}" for line in rt.filter.describe()]
+        if args.strict:
+            problems += [f"{name}: {w} (--strict)" for w in rt.filter.load_warnings()]
     if problems:
         raise ConfigError(problems=problems)
     sys.stdout.write(render_config(cfg))

@@ -1,10 +1,18 @@
 """The right-hand side of a table rule: the action, its text, and the `$1` template.
 
-Parsed once at load: an unknown action, FILTER, a lone `$` or a `$name` that is not
-a group number is a ConfigError naming file:line. Postfix merely logs a warning and
-skips such a rule (a rule that silently never fires); refusing it is stricter and
-safer. Action words are case-insensitive as in Postfix (header_body_checks.c uses
-strncasecmp). References: header_checks(5), access(5), regexp_table(5), pcre_table(5).
+Parsed once at load, in two layers as in Postfix:
+- The table layer (dict_regexp.c / dict_pcre.c with mac_parse.c): a lone `$`, a
+  `$name` that is not a group number, `$0`, a `$N` beyond the pattern's groups or in
+  a negated rule make Postfix skip the rule with a warning; so do we (SkipRule).
+- The action layer. In header/body checks (Context.CONTENT) we act as Postfix's
+  cleanup_act() in cleanup_message.c: it knows REJECT WARN INFO FILTER PASS DISCARD
+  HOLD PREPEND REPLACE REDIRECT BCC STRIP IGNORE DUNNO OK, case-insensitively
+  (strncasecmp); any other word (DEFER, `554 text`...) is logged as "unknown command
+  in header_checks map" when the rule matches and the message goes on untouched.
+  DEFER and NNN replies are accepted only with `access_style_actions = true`. In
+  access-style tables (Context.ACCESS: client/helo/sender/recipient/filename checks)
+  a bad action is still a ConfigError.
+References: header_checks(5), access(5), regexp_table(5), pcre_table(5).
 """
 
 from __future__ import annotations
@@ -35,6 +43,24 @@ class Kind(enum.Enum):
     DUNNO = "DUNNO"  # as if nothing matched; no later rule or table sees this line
     OK = "OK"  # same as DUNNO in content checks; "permit" at SMTP stages
     PASS = "PASS"  # skip all further header and body checks for this message
+    # Content checks only: matched, logged with a warning, no effect (the line is
+    # shielded from later rules and tables, as Postfix's first match answers).
+    FILTER = "FILTER"  # choose a content filter: must stay in Postfix (see README)
+    UNKNOWN = "UNKNOWN"  # "unknown command in header_checks map", or a malformed action
+
+
+class Context(enum.Enum):
+    """Which Postfix code would act on a table's results."""
+
+    CONTENT = "content"  # header_checks & co: cleanup_message.c cleanup_act()
+    ACCESS = "access"  # check_*_access: smtpd_check.c (and our filename_checks)
+
+
+# cleanup_act() in Postfix 3.7 cleanup_message.c: the words header/body checks know.
+CONTENT_WORDS = frozenset({
+    "REJECT", "WARN", "INFO", "FILTER", "PASS", "DISCARD", "HOLD", "PREPEND", "REPLACE",
+    "REDIRECT", "BCC", "STRIP", "IGNORE", "DUNNO", "OK",
+})
 
 
 # Actions that end header/body inspection for the message.
@@ -52,6 +78,10 @@ _MACRO = re.compile(r"\$(?:(\$)|\{([^}]*)\}|\(([^)]*)\)|([A-Za-z0-9_]+))")
 
 class ActionError(ValueError):
     """a rule's action text Postfix would not accept, or that we refuse"""
+
+
+class SkipRule(ValueError):
+    """a rule Postfix's table loader skips with a warning (the text says why)"""
 
 
 @dataclass(frozen=True)
@@ -73,22 +103,25 @@ class Template:
                 parts.append("$")
                 continue
             name = next(g for g in m.groups()[1:] if g is not None)
-            if not name.isdigit():
-                raise ActionError(
-                    f"${name} is not a group number; write $$ for a literal $ "
-                    "(Postfix would skip this rule: bad replacement syntax)"
-                )
+            if not name.isascii() or not name.isdigit():
+                # dict_regexp.c/dict_pcre.c prescan: "non-numeric replacement index"
+                raise SkipRule(f"non-numeric replacement index \"{name}\": bad replacement "
+                               "syntax: skipping this rule (write $$ for a literal $)")
             index = int(name)
+            if index < 1:
+                raise SkipRule(f"out-of-range replacement index \"{name}\": bad "
+                               "replacement syntax: skipping this rule")
             if negated:
-                raise ActionError(f"${index} in the text of a negated (!/.../) rule")
+                raise SkipRule("$number found in negative match replacement text: "
+                               "skipping this rule")
             if index > groups:
-                raise ActionError(f"${index} but the pattern has only {groups} group(s)")
+                raise SkipRule(f"out of range replacement index \"{index}\": skipping "
+                               f"this rule (the pattern has {groups} group(s))")
             parts.append(index)
         if "$" in text[pos:]:
-            raise ActionError(
-                "lone $ in the action text; write $$ for a literal $ "
-                "(Postfix 3.7 skips this rule with a 'bad replacement syntax' warning)"
-            )
+            # mac_parse.c: "empty macro name" (a lone $) or "truncated macro reference"
+            raise SkipRule("bad replacement syntax: skipping this rule (a lone $ or an "
+                           "unclosed ${; write $$ for a literal $)")
         parts.append(text[pos:])
         return cls(tuple(p for p in parts if p != ""))
 
@@ -102,30 +135,55 @@ class Template:
 
 @dataclass(frozen=True)
 class RuleAction:
-    """A parsed action. `code` is set for CODE (e.g. "450")."""
+    """A parsed action. `code` is set for CODE (e.g. "450").
+
+    `warning` is what Postfix would log about this action (at load for us, when the
+    rule matches for Postfix); for FILTER and UNKNOWN it is also logged at each match.
+    """
 
     kind: Kind
     text: Template = Template()
     code: str = ""
+    warning: str = ""
 
 
-def parse_action(result: str, groups: int, negated: bool) -> RuleAction:
-    """Parse a rule's right-hand side: ACTION [text]."""
-    word, _, rest = result.strip().partition(" ")
-    if "\t" in word:
-        word, _, tail = word.partition("\t")
-        rest = tail + " " + rest
-    rest = rest.strip(" \t")
+def _split_word(result: str) -> tuple[str, str]:
+    """cleanup_act(): the command ends at the first space or tab; skip ISSPACE after."""
+    cut = len(result)
+    for sep in " \t":
+        at = result.find(sep)
+        if at >= 0:
+            cut = min(cut, at)
+    return result[:cut], result[cut:].lstrip(" \t\n\v\f\r")
+
+
+def parse_action(
+    result: str,
+    groups: int,
+    negated: bool,
+    context: Context = Context.ACCESS,
+    key: str = "header_checks",
+    access_style: bool = False,
+) -> RuleAction:
+    """Parse a rule's right-hand side: ACTION [text].
+
+    Raises SkipRule for what Postfix's table loader skips, and (in Context.ACCESS
+    only) ActionError for an action we refuse. In Context.CONTENT every other
+    right-hand side loads, as in Postfix; what cleanup_act() would not act on
+    becomes UNKNOWN (or FILTER) with the warning Postfix logs.
+    """
+    # The table layer first: mac_parse over the whole result, as dict_*_prescan does.
+    Template.parse(result, groups, negated)
+    word, rest = _split_word(result)
+    if context is Context.CONTENT:
+        return _content_action(result, word, rest, groups, negated, key, access_style)
+    if not word:
+        raise ActionError("missing action after the pattern")
     if "$" in word:
         raise ActionError("the action word itself cannot come from a $ substitution")
     upper = word.upper()
-    if upper == "FILTER":
-        raise ActionError(
-            "FILTER (choose a content filter transport) has no milter equivalent; "
-            "set content_filter in Postfix instead"
-        )
-    if upper == "STRIP":
-        raise ActionError("STRIP is for smtp_header_checks only")
+    if upper in ("FILTER", "STRIP"):
+        raise ActionError(f"{upper} cannot be used in an access table")
     code = ""
     if _CODE_WORD.match(word):
         kind = Kind.CODE
@@ -135,15 +193,75 @@ def parse_action(result: str, groups: int, negated: bool) -> RuleAction:
             kind = Kind(upper)
         except ValueError:
             raise ActionError(f"unknown action {word!r}") from None
-        if kind is Kind.CODE:
+        if kind in (Kind.CODE, Kind.FILTER, Kind.UNKNOWN):
             raise ActionError(f"unknown action {word!r}")
     text = Template.parse(rest, groups, negated)
     if kind in NEEDS_TEXT and not text.parts:
         raise ActionError(f"{kind.value} needs text")
     if kind in (Kind.CODE, Kind.DEFER, Kind.REJECT) and text.static:
         # Check an explicit enhanced status code now rather than at the first match.
-        content_reply(RuleAction(kind, text, code), text.expand(lambda _: ""))
+        static = text.expand(lambda _: "")
+        if kind is Kind.REJECT and split_dsn(static)[0][:1] == "2":
+            raise ActionError(f"REJECT with success status {split_dsn(static)[0]}")
+        content_reply(RuleAction(kind, text, code), static)
     return RuleAction(kind, text, code)
+
+
+def _content_action(
+    result: str, word: str, rest: str, groups: int, negated: bool, key: str,
+    access_style: bool,
+) -> RuleAction:
+    """cleanup_act() of Postfix 3.7 cleanup_message.c, decided at load where we can."""
+    text = Template.parse(rest, groups, negated)
+    static = text.expand(lambda _: "") if text.static else None
+    upper = word.upper()
+
+    def unknown(why: str) -> RuleAction:
+        return RuleAction(Kind.UNKNOWN, Template.parse(result, groups, negated), warning=why)
+
+    if not result:
+        # maps.c maps_find(): an empty result is a table error ("returns an empty
+        # string result"); cleanup sets CLEANUP_STAT_WRITE and the message is deferred.
+        return RuleAction(Kind.CODE, Template(("4.3.0 Error: queue file write error",)), "451",
+                          warning=f"{key} lookup returns an empty string result: Postfix "
+                          "defers every message this rule matches (map lookup problem)")
+    if "$" in word:
+        # Postfix would read the command from the expanded text; we do not.
+        return unknown(f"action word {word!r} from a $ substitution is not supported here "
+                       "(the rule matches and does nothing)")
+    if _CODE_WORD.match(word) or upper == "DEFER":
+        if not access_style:
+            # cleanup_message.c: msg_warn("unknown command in %s map: %s")
+            return unknown(f"unknown command in {key} map: {result} (DEFER and NNN "
+                           "replies are access(5) actions; see access_style_actions)")
+        kind = Kind.CODE if _CODE_WORD.match(word) else Kind.DEFER
+        action = RuleAction(kind, text, word if kind is Kind.CODE else "")
+        if static is not None:
+            content_reply(action, static)  # a code and status that disagree: refuse
+        return action
+    if upper not in CONTENT_WORDS:
+        return unknown(f"unknown command in {key} map: {result}")
+    if upper == "FILTER":
+        # A milter cannot choose the content filter transport (cleanup's FILTER
+        # sets state->filter); leave the rule in Postfix's own header_checks.
+        return RuleAction(Kind.FILTER, text, warning=(
+            f"FILTER in {key} has no milter equivalent: keep this rule in Postfix's "
+            "own header_checks/body_checks (here it matches and does nothing)"))
+    if upper == "STRIP":
+        # Postfix 3.7 cleanup_act(): STRIP drops the line, as IGNORE (logged "strip").
+        return RuleAction(Kind.IGNORE, text)
+    kind = Kind(upper)
+    if kind in (Kind.PREPEND, Kind.REPLACE) and not text.parts:
+        return unknown(f"{kind.value} action without text in {key} map")
+    if kind in (Kind.REDIRECT, Kind.BCC) and static is not None and "@" not in static:
+        what = "REDIRECT target" if kind is Kind.REDIRECT else "BCC address"
+        return unknown(f"bad {what} \"{static}\" in {key} map -- need user@domain")
+    if kind is Kind.REJECT and static is not None and split_dsn(static)[0][:1] == "2":
+        # cleanup_act(): a 2.x.x status becomes 4.x.x and the message is deferred.
+        return RuleAction(kind, text, warning=(
+            f"bad DSN action in {static} -- need 4.x.x or 5.x.x (deferred with 4.x.x, "
+            "as Postfix does)"))
+    return RuleAction(kind, text)
 
 
 def split_dsn(text: str) -> tuple[str, str]:
@@ -166,7 +284,7 @@ def content_reply(action: RuleAction, text: str) -> Reply:
         if not dsn:
             return Reply("550", "5.7.1", rest or "message content rejected")
         if dsn[0] == "2":
-            raise ActionError(f"REJECT with success status {dsn}")
+            dsn = "4" + dsn[1:]  # cleanup_act(): "bad DSN action ... need 4.x.x or 5.x.x"
         return Reply("451" if dsn[0] == "4" else "550", dsn, rest or "message content rejected")
     if action.kind is Kind.DEFER:
         return _coded("450", dsn, rest or "message content deferred")

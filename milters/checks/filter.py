@@ -13,11 +13,19 @@ checking; HOLD, BCC, WARN, INFO and the line edits go on.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
-from milters.checks.actions import LINE_EDITS, Kind, RuleAction, content_reply, header_text
+from milters.checks.actions import (
+    LINE_EDITS,
+    Context,
+    Kind,
+    RuleAction,
+    content_reply,
+    header_text,
+)
 from milters.checks.message import (
     DecodedLine,
     Item,
@@ -44,6 +52,8 @@ from milters.core.errors import ConfigError
 from milters.core.filter import Env, Filter, Stage
 from milters.core.model import Connection, Transaction, unbracket
 from milters.core.verdict import Action, EditKind, HeaderEdit, Verdict
+
+log = logging.getLogger(__name__)
 
 # Actions that make no sense where there is no line to edit.
 _NO_LINE = frozenset(LINE_EDITS)
@@ -96,27 +106,33 @@ class ChecksFilter(Filter):
         self.checks: ChecksSettings = settings
         self.mode = TextMode.TEXT if settings.decode else TextMode.BYTES
         self.tables = self._load(settings)
+        self._warnings = self._collect_warnings()
+        for line in self._warnings:
+            log.warning("checks: %s", line)
 
     def _load(self, s: ChecksSettings) -> _Tables:
         problems: list[str] = []
 
-        def load(key: str, specs: tuple[str, ...], forbidden: frozenset[Kind]) -> Maps:
+        def load(key: str, specs: tuple[str, ...], forbidden: frozenset[Kind],
+                 context: Context = Context.ACCESS) -> Maps:
             try:
-                return load_maps(key, specs, self.mode, forbidden)
+                return load_maps(key, specs, self.mode, forbidden, context,
+                                 s.access_style_actions)
             except ConfigError as exc:
                 problems.extend(exc.problems)
                 return Maps(key)
 
-        header = load("header_checks", s.header_checks, frozenset())
+        content = Context.CONTENT
+        header = load("header_checks", s.header_checks, frozenset(), content)
         mime = header if s.mime_header_checks is None else load(
-            "mime_header_checks", s.mime_header_checks, frozenset())
+            "mime_header_checks", s.mime_header_checks, frozenset(), content)
         nested = header if s.nested_header_checks is None else load(
-            "nested_header_checks", s.nested_header_checks, frozenset())
+            "nested_header_checks", s.nested_header_checks, frozenset(), content)
         tables = _Tables(
             header=header,
             mime_header=mime,
             nested_header=nested,
-            body=load("body_checks", s.body_checks, frozenset()),
+            body=load("body_checks", s.body_checks, frozenset(), content),
             filename=load("filename_checks", s.filename_checks, _NO_LINE | {Kind.PASS}),
             stage={
                 stage: load(stage.key, getattr(s, stage.key), _STAGE_FORBIDDEN)
@@ -156,6 +172,19 @@ class ChecksFilter(Filter):
             need |= Stage.RCPT  # REDIRECT removes the original recipients
         return need
 
+    def _collect_warnings(self) -> tuple[str, ...]:
+        seen: set[int] = set()
+        found: list[str] = []
+        for maps in self.tables.all_maps():
+            if id(maps) not in seen:
+                seen.add(id(maps))
+                found += [w for w in maps.warnings if w not in found]
+        return tuple(found)
+
+    def load_warnings(self) -> list[str]:
+        """Table lines skipped or read leniently, as Postfix warns about them."""
+        return list(self._warnings)
+
     def describe(self) -> list[str]:
         lines = [f"decode = {'true' if self.checks.decode else 'false'}"]
         t = self.tables
@@ -171,6 +200,7 @@ class ChecksFilter(Filter):
             for table in maps.tables:
                 count = sum(1 for _ in table.all_rules())
                 lines.append(f"{maps.key}: {table.spec} ({count} rules)")
+        lines += [f"warning: {w}" for w in self._warnings]
         return lines
 
     # --- SMTP stages ------------------------------------------------------------
@@ -325,6 +355,10 @@ class _Decision:
         shown = self.mode.to_str(item.text)
         where = {Where.BODY: "body", Where.FILENAME: "filename"}.get(item.where, "header")
         self._note(hit, where, shown, text)
+        if hit.kind in (Kind.UNKNOWN, Kind.FILTER):
+            # Postfix logs the warning when the rule matches and changes nothing.
+            self.notes.append(f"warning: {hit.rule.source}: {hit.rule.action.warning}")
+            return
         if hit.kind in _REFUSALS:
             reply = content_reply(hit.rule.action, text)
             self.terminal = Verdict(Action.TEMPFAIL if reply.temporary else Action.REJECT,
@@ -344,6 +378,10 @@ class _Decision:
         elif kind is Kind.HOLD:
             self.hold = self.hold or text or f"{key} {hit.rule.source}"
             self.reasons.append(self._reason(key, hit))
+        elif kind in (Kind.REDIRECT, Kind.BCC) and "@" not in text:
+            # cleanup_act(): a target from $N without @ is only logged.
+            self.notes.append(f"warning: bad {kind.value} address \"{printable(text)}\" in "
+                              f"{key} map -- need user@domain")
         elif kind is Kind.REDIRECT:
             # header_checks(5) REDIRECT affects all recipients; Postfix stops all
             # further header and body checks and drops earlier BCC recipients.

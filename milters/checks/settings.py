@@ -69,6 +69,12 @@ class ChecksSettings(FilterSettings):
         (), "tables matched against each RCPT TO address, like check_recipient_access",
         check_specs,
     )
+    access_style_actions: bool = setting(
+        False,
+        "also accept access(5) actions in header/body checks: DEFER (450 4.7.1) and "
+        "'4NN/5NN text' refuse the message; false (as Postfix 3.7): they are logged as "
+        "'unknown command' and the message goes on",
+    )
     decode: bool = setting(
         True,
         "match decoded text: RFC 2047 headers, base64/quoted-printable text parts in "

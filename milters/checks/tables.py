@@ -4,8 +4,14 @@ File format (regexp_table(5), pcre_table(5)): a logical line starts with non-spa
 text and continues on lines that start with whitespace; blank lines and lines whose
 first non-space character is `#` are skipped (they do not end a logical line, as in
 Postfix's readlline()). A rule is `[!]/pattern/flags result`, any delimiter
-character allowed; `if [!]/pattern/flags` ... `endif` nests. Every problem Postfix
-would only warn about (and then skip the rule) is a ConfigError naming file:line.
+character allowed (regexp: also `/pat1/!/pat2/ result`, pat1 matching and pat2
+not); `if [!]/pattern/flags` ... `endif` nests.
+
+Every line Postfix 3.7's dict_regexp.c / dict_pcre.c skip with a warning is skipped
+here with a warning of the same meaning naming file:line (Table.warnings, logged at
+load and shown by `milters check-config`; `--strict` makes them errors). Only what
+Postfix cannot open at all (a missing file, a table type other than regexp:/pcre:)
+refuses the configuration.
 
 A key such as `header_checks` lists several tables; as Postfix's maps_find() does,
 the first table with a matching rule answers for a line and later tables are not
@@ -22,10 +28,17 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from milters.checks.actions import ActionError, Kind, RuleAction, parse_action
+from milters.checks.actions import (
+    ActionError,
+    Context,
+    Kind,
+    RuleAction,
+    SkipRule,
+    parse_action,
+)
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
 from milters.checks.screen import Screener, screen_regex
 from milters.core.errors import ConfigError
@@ -87,6 +100,8 @@ class Rule:
     pattern: Pattern
     action: RuleAction
     source: str  # "file:line" for logs and errors
+    # regexp: `/pat1/!/pat2/`: a second pattern that must also agree (dict_regexp.c).
+    also: Pattern | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,7 @@ class Hit:
 class Table:
     spec: str
     rules: tuple[Rule | IfBlock, ...]
+    warnings: tuple[str, ...] = ()  # lines skipped or read leniently, as Postfix warns
 
     def lookup(self, subject: str) -> Hit | None:
         return _lookup(self.rules, subject)
@@ -147,6 +163,9 @@ def _lookup(items: Sequence[Rule | IfBlock], subject: str) -> Hit | None:
             hit = _lookup(item.body, subject)
             if hit is not None:
                 return hit
+            continue
+        also = item.also
+        if also is not None and (also.match(subject) is not None) == also.negated:
             continue
         if m is None:  # negated rule: no groups to substitute
             return Hit(item, item.action.text.expand(lambda _: ""))
@@ -191,6 +210,10 @@ class Maps:
     def kinds(self) -> set[Kind]:
         return {r.action.kind for t in self.tables for r in t.all_rules()}
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return tuple(w for t in self.tables for w in t.warnings)
+
 
 @dataclass(frozen=True)
 class Pruned:
@@ -217,7 +240,7 @@ def _prune(items: Sequence[Rule | IfBlock], possible: frozenset[int]) -> tuple[R
         if item.pattern.screen is not None and id(item.pattern) not in possible:
             continue  # matches no line of this message (an IF block: none of its body runs)
         if isinstance(item, IfBlock):
-            item = IfBlock(item.pattern, _prune(item.body, possible), item.source)
+            item = replace(item, body=_prune(item.body, possible))
         kept.append(item)
     return tuple(kept)
 
@@ -226,7 +249,12 @@ def _prune(items: Sequence[Rule | IfBlock], possible: frozenset[int]) -> tuple[R
 
 
 def load_maps(
-    key: str, specs: Sequence[str], mode: TextMode, forbidden: frozenset[Kind] = frozenset()
+    key: str,
+    specs: Sequence[str],
+    mode: TextMode,
+    forbidden: frozenset[Kind] = frozenset(),
+    context: Context = Context.ACCESS,
+    access_style: bool = False,
 ) -> Maps:
     """Load and compile the tables named by `specs` (e.g. `pcre:/etc/postfix/x`)."""
     tables = []
@@ -242,13 +270,16 @@ def load_maps(
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
+            # Postfix opens a "surrogate" table that fails every lookup, so every
+            # message is deferred: refusing to start says so sooner.
             problems.append(f"{key}: table file {path} does not exist")
             continue
         except OSError as exc:
             problems.append(f"{key}: cannot read table file {path}: {exc.strerror}")
             continue
         try:
-            tables.append(parse_table(data, spec, path, kind, mode, forbidden, key))
+            tables.append(parse_table(data, spec, path, kind, mode, forbidden, key,
+                                      context, access_style))
         except ConfigError as exc:
             problems.extend(exc.problems)
     if problems:
@@ -256,25 +287,47 @@ def load_maps(
     return Maps(key, tuple(tables))
 
 
-def logical_lines(text: str, path: str) -> Iterator[tuple[int, str]]:
-    """(first line number, logical line) pairs, as Postfix's readlline() joins them."""
+_SPACE = " \t\n\v\f\r"  # C isspace() in the C locale
+
+
+def _isalnum(c: str) -> bool:
+    """C isalnum() in the C locale: ASCII letters and digits only."""
+    return c.isascii() and c.isalnum()
+
+
+def logical_lines(text: str, path: str, warnings: list[str] | None = None
+                  ) -> Iterator[tuple[int, str]]:
+    """(first line number, logical line) pairs, as Postfix's readllines() joins them.
+
+    A logical line that starts with whitespace (a continuation with nothing to
+    continue) is skipped with readllines()'s warning, as Postfix does.
+    """
     current: list[str] = []
     start = 0
-    for number, line in enumerate(text.splitlines(), start=1):
-        stripped = line.strip()
+    for number, line in enumerate(text.split("\n"), start=1):
+        stripped = line.strip(_SPACE)
         if not stripped or stripped.startswith("#"):
             continue
-        if line[0] in " \t":
-            if not current:
-                raise ConfigError(f"{path}:{number}: continuation line with nothing to continue")
+        if line[0] in _SPACE and current:
             current.append(line)
             continue
         if current:
-            yield start, "".join(current)
-        current = [line.rstrip("\r")]
+            yield from _finish(start, current, path, warnings)
+        current = [line]
         start = number
     if current:
-        yield start, "".join(current)
+        yield from _finish(start, current, path, warnings)
+
+
+def _finish(start: int, parts: list[str], path: str, warnings: list[str] | None
+            ) -> Iterator[tuple[int, str]]:
+    line = "".join(parts).rstrip(_SPACE)  # trimblanks()
+    if line[0] in _SPACE:
+        if warnings is not None:
+            warnings.append(f"{path}:{start}: logical line must not start with whitespace: "
+                            f"\"{line[:30]}{'...' if len(line) > 30 else ''}\": skipped")
+        return
+    yield start, line
 
 
 def parse_table(
@@ -285,78 +338,126 @@ def parse_table(
     mode: TextMode,
     forbidden: frozenset[Kind] = frozenset(),
     key: str = "",
+    context: Context = Context.ACCESS,
+    access_style: bool = False,
 ) -> Table:
+    """Parse one table file as dict_regexp_open()/dict_pcre_open() do.
+
+    Lines Postfix skips become warnings; a ConfigError only for actions we refuse in
+    access-style tables (Context.ACCESS) and actions `forbidden` for this key.
+    """
     text = mode.subject(data)
     problems: list[str] = []
+    warnings: list[str] = []
     stack: list[tuple[Pattern, list[Rule | IfBlock], str]] = []
     top: list[Rule | IfBlock] = []
-    for number, line in logical_lines(text, path):
+    for number, line in logical_lines(text, path, warnings):
         where = f"{path}:{number}"
         body = stack[-1][1] if stack else top
         try:
-            word = line.split(None, 1)[0]
-            if word.lower() == "endif":
-                if line.strip().lower() != "endif":
-                    raise ConfigError(f"{where}: extra text after ENDIF")
-                if not stack:
-                    raise ConfigError(f"{where}: ENDIF without matching IF")
-                pattern, children, source = stack.pop()
-                (stack[-1][1] if stack else top).append(IfBlock(pattern, tuple(children), source))
-                continue
-            if line[:2].lower() == "if" and (len(line) == 2 or not line[2].isalnum()):
-                rest = line[2:].lstrip()
-                pattern, _, after = _pattern(rest, kind, mode, where)
-                if after.strip():
-                    raise ConfigError(f"{where}: extra text after IF pattern")
+            if not _isalnum(line[0]):
+                rule = _rule(line, kind, mode, where, warnings, context, key, access_style)
+                if rule.action.kind in forbidden:
+                    raise ConfigError(f"{where}: {rule.action.kind.value} cannot be used "
+                                      f"in {key}")
+                body.append(rule)
+            elif line[:2].lower() == "if" and not (len(line) > 2 and _isalnum(line[2])):
+                pattern, _, after = _pattern(line[2:].lstrip(_SPACE), kind, mode, where,
+                                             warnings)
+                if after.strip(_SPACE):
+                    warnings.append(f"{where}: ignoring extra text after IF statement: "
+                                    f"\"{after.strip(_SPACE)}\"")
                 stack.append((pattern, [], where))
-                continue
-            pattern, groups, after = _pattern(line, kind, mode, where)
-            result = after.strip()
-            if not result:
-                raise ConfigError(f"{where}: missing action after the pattern")
-            try:
-                action = parse_action(result, groups, pattern.negated)
-            except ActionError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-            if action.kind in forbidden:
-                raise ConfigError(f"{where}: {action.kind.value} cannot be used in {key}")
-            body.append(Rule(pattern, action, where))
+            elif line[:5].lower() == "endif" and not (len(line) > 5 and _isalnum(line[5])):
+                if not stack:
+                    warnings.append(f"{where}: ignoring ENDIF without matching IF")
+                    continue
+                if line[5:].strip(_SPACE):
+                    warnings.append(f"{where}: ignoring extra text after ENDIF")
+                _close(stack, top)
+            else:
+                warnings.append(f"{where}: ignoring unrecognized request")
+        except SkipRule as exc:
+            warnings.append(f"{where}: {exc}")
         except ConfigError as exc:
             problems.extend(exc.problems)
-    for _, _, source in stack:
-        problems.append(f"{source}: IF without matching ENDIF")
+    while stack:
+        # dict_*_open(): "IF has no matching ENDIF"; the block runs to the end of the
+        # file (a non-matching IF ends the lookup there, as Postfix's does).
+        warnings.append(f"{stack[-1][2]}: IF has no matching ENDIF")
+        _close(stack, top)
     if problems:
         raise ConfigError(problems=problems)
-    return Table(spec, tuple(top))
+    return Table(spec, tuple(top), tuple(warnings))
 
 
+def _close(stack: list[tuple[Pattern, list[Rule | IfBlock], str]],
+           top: list[Rule | IfBlock]) -> None:
+    pattern, children, source = stack.pop()
+    (stack[-1][1] if stack else top).append(IfBlock(pattern, tuple(children), source))
 
-def _pattern(text: str, kind: str, mode: TextMode, where: str) -> tuple[Pattern, int, str]:
-    """Parse `[!]<d>pattern<d>flags` at the start of `text`; return it and the rest."""
+
+def _rule(line: str, kind: str, mode: TextMode, where: str, warnings: list[str],
+          context: Context, key: str, access_style: bool) -> Rule:
+    pattern, groups, after = _pattern(line, kind, mode, where, warnings)
+    also = None
+    if kind == "regexp" and after.startswith("!"):
+        # dict_regexp_get_pats(): `/pat1/!/pat2/`; pat2 gives no $N (REG_NOSUB).
+        also, _, after = _pattern(after, kind, mode, where, warnings)
+    result = after.strip(_SPACE)
+    if not result:
+        warnings.append(f"{where}: no replacement text: using empty string")
+        if context is Context.ACCESS:
+            raise ConfigError(f"{where}: missing action after the pattern")
+    try:
+        action = parse_action(result, groups, pattern.negated, context, key or "header_checks",
+                              access_style)
+    except ActionError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if action.warning:
+        warnings.append(f"{where}: {action.warning}")
+    return Rule(pattern, action, where, also)
+
+
+def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[str]
+             ) -> tuple[Pattern, int, str]:
+    """Parse `[!]<d>pattern<d>flags` at the start of `text`; return it and the rest.
+
+    As dict_regexp_get_pat()/dict_pcre_get_pattern(): `!` and spaces may precede
+    the delimiter (each `!` toggles), the delimiter is any character, a backslash
+    escapes the next one, and flags run to the next space (or `!` in regexp:).
+    Raises SkipRule with Postfix's warning for a rule it would skip.
+    """
     negated = False
     pos = 0
-    while pos < len(text) and text[pos] == "!":  # each '!' toggles, as in dict_regexp.c
-        negated = not negated
+    while pos < len(text) and (text[pos] == "!" or text[pos] in _SPACE):
+        if text[pos] == "!":
+            negated = not negated
         pos += 1
-    if pos >= len(text) or text[pos].isspace() or text[pos].isalnum() or text[pos] == "\\":
-        raise ConfigError(f"{where}: expected a /pattern/ here: {text[:40]!r}")
+    if pos >= len(text):
+        raise SkipRule("no regexp: skipping this rule")
     delim = text[pos]
     pos += 1
     start = pos
     while pos < len(text) and text[pos] != delim:
         pos += 2 if text[pos] == "\\" else 1
     if pos >= len(text):
-        raise ConfigError(f"{where}: missing closing {delim} of the pattern")
+        raise SkipRule(f"no closing regexp delimiter \"{delim}\": skipping this rule")
     source = text[start:pos]
     pos += 1
     flag_end = pos
-    while flag_end < len(text) and not text[flag_end].isspace():
+    while flag_end < len(text) and text[flag_end] not in _SPACE and \
+            not (kind == "regexp" and text[flag_end] == "!"):
         flag_end += 1
     flags = text[pos:flag_end]
     allowed = REGEXP_FLAGS if kind == "regexp" else PCRE_FLAGS
     for f in flags:
         if f not in allowed:
-            raise ConfigError(f"{where}: unknown {kind} flag {f!r} (allowed: {allowed})")
+            raise SkipRule(f"unknown regexp option \"{f}\": skipping this rule")
+    if "X" in flags and kind == "pcre":
+        # Postfix built with PCRE2 (Debian 12): dict_pcre.c ignores X with a warning.
+        warnings.append(f"{where}: ignoring obsolete regexp option \"X\"")
+        flags = flags.replace("X", "")
     on = {f: flags.count(f) % 2 == 1 for f in allowed}  # each flag toggles its default
     re_flags = re.RegexFlag(0)
     anchored = False
@@ -368,10 +469,12 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str) -> tuple[Pattern,
             translated = translate_posix(source, extended=not on["x"], newline=newline).pattern
             re_flags |= re.MULTILINE if newline else re.DOTALL
         else:
-            # pcre_table(5): i (default on), s (DOTALL, default on), m, x, A, E, U, X.
+            # pcre_table(5): i (default on), s (DOTALL, default on), m, x, A, E, U.
             translated = translate_pcre(
                 source, extended=on["x"], ungreedy=on["U"], dollar_endonly=on["E"],
-                multiline=on["m"], extra=on["X"],
+                # PCRE2 (Postfix 3.7 on Debian 12) rejects unknown escapes such as
+                # \\y whatever the X flag says, so the rule is skipped, as there.
+                multiline=on["m"], extra=True,
             )
             if on["m"]:
                 re_flags |= re.MULTILINE
@@ -383,8 +486,7 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str) -> tuple[Pattern,
         if mode is TextMode.BYTES:
             re_flags |= re.ASCII
         regex = re.compile(translated, re_flags)
-    except PatternError as exc:
-        raise ConfigError(f"{where}: {kind} pattern /{source}/: {exc}") from None
-    except re.error as exc:
-        raise ConfigError(f"{where}: {kind} pattern /{source}/: {exc}") from None
+    except (PatternError, re.error) as exc:
+        # dict_regexp.c: regerror() text; dict_pcre.c: "error in regex at offset N".
+        raise SkipRule(f"{kind} pattern /{source}/: {exc}: skipping this rule") from None
     return Pattern(regex, negated, anchored), regex.groups, text[flag_end:]

@@ -116,6 +116,10 @@ class Filter(abc.ABC):
         """Lines for `milters check-config`: what was loaded (tables, keys)."""
         return []
 
+    def load_warnings(self) -> list[str]:
+        """What was loaded leniently (`check-config --strict` makes these errors)."""
+        return []
+
     def shutdown(self) -> None:
         """The worker is about to exit: write out what is queued (a history, a log).
 

@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-APT_PACKAGES=(libmilter-dev postfix swaks clamav-daemon clamav-milter opendkim opendkim-tools dkimpy-milter miltertest opendmarc postgresql)
+APT_PACKAGES=(libmilter-dev postfix postfix-pcre swaks clamav-daemon clamav-milter opendkim opendkim-tools dkimpy-milter miltertest opendmarc postgresql)
 EXTRA='[test]'
 if [ "${1:-}" = "--runtime" ]; then
     APT_PACKAGES=(libmilter-dev)

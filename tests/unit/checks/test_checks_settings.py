@@ -52,7 +52,7 @@ def test_missing_table_file_names_key_and_path(checks: Checks, tmp_path: Path) -
 
 def test_errors_from_several_keys_reported_together(checks: Checks, table: Table) -> None:
     with pytest.raises(ConfigError) as exc:
-        checks(header_checks=(table("/a/ FROB\n"),), client_checks=(table("/b/ IGNORE\n"),))
+        checks(sender_checks=(table("/a/ FROB\n"),), client_checks=(table("/b/ IGNORE\n"),))
     assert len(exc.value.problems) == 2
 
 
