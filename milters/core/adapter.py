@@ -437,7 +437,8 @@ def adapter_class(runtime: Runtime, sessions: SessionCounter, macro_reader: Macr
     cb("data", Session._data, True)
     # Headers also for the removal of forged Authentication-Results fields.
     removes_forged = runtime.strip_all_forged or bool(runtime.filter.ar_methods)
-    if needed & (Stage.HEADER | Stage.BODY) or removes_forged:
+    # ...and for the holds handed on to the last filter (core/hold.py).
+    if needed & (Stage.HEADER | Stage.BODY) or removes_forged or runtime.applies_holds:
         cb("header", Session._header, False, raw=True)
         cb("eoh", Session._eoh, True)
     if Stage.BODY in needed:
@@ -460,7 +461,7 @@ def action_flags(runtime: Runtime) -> int:
         flags |= Milter.ADDRCPT | Milter.DELRCPT
     if f.may_replace_body:
         flags |= Milter.CHGBODY
-    if f.may_quarantine:
+    if f.may_quarantine or runtime.applies_holds:
         flags |= Milter.QUARANTINE
     return int(flags)
 

@@ -44,6 +44,9 @@ class Env:
     # the first filter's removal of forged fields (core/authresults.py); empty
     # (first, alone, or unknown) means every such field is forged.
     upstream: tuple[str, ...] = ()
+    # Our filters enabled after this one: while any follows, a hold is handed on
+    # to the last one instead of asked for here (core/hold.py).
+    downstream: tuple[str, ...] = ()
 
     @cached_property
     def resolver(self) -> Resolver:

@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from milters.core import hold
 from milters.core.filter import Stage
 from milters.core.model import Connection, Transaction
 from milters.core.policy import (
@@ -126,6 +127,9 @@ class Pipeline:
         assert verdict is not None  # _guarded only returns None if fn does
         verdict = merge(self.conn_pending + self.tx_pending, verdict)
         verdict = finalize(verdict, self.runtime.policy, tx.rcpt_to)
+        env = self.runtime.env
+        verdict = hold.hand_on(verdict, tx.headers, self.name, env.global_.authserv_id,
+                               first=not env.upstream, last=not env.downstream)
         if self.tx_notes and verdict.action is Action.ACCEPT:
             # Same wording as the end-of-message report: "spf would reject 550 ...".
             text = " ".join(f"{self.name} {n.removeprefix('report mode: ')}"

@@ -38,6 +38,12 @@ class Runtime:
         because no filter of ours runs before it (core/authresults.py, Env.upstream)."""
         return not self.env.upstream
 
+    @property
+    def applies_holds(self) -> bool:
+        """Last of ours in the chain, after others: it asks for the holds they
+        handed on (core/hold.py), so it reads the header and may quarantine."""
+        return bool(self.env.upstream) and not self.env.downstream
+
 
 class SessionCounter:
     """Open SMTP sessions of this process, so that a stop can drain them."""

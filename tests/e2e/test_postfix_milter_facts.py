@@ -390,3 +390,23 @@ def test_postfix_adds_missing_headers_before_milters_see_them(
     after the message's own headers, and the milter sees them."""
     assert postfix.send(SENDER, [RCPT], b"Subject: bare\r\n\r\nbody\r\n").accepted
     assert [name for name, _ in probe.headers()] == ["Subject", "Message-Id", "Date", "From"]
+
+
+# --- (e) quarantine ends the chain -------------------------------------------------
+
+
+def test_after_a_quarantine_no_later_milter_sees_the_message(
+    postfix: PostfixInstance, probe_milter: ProbeFactory
+) -> None:
+    """milter8.c: once a milter asks for quarantine (HOLD), Postfix sends the end of
+    the message to no later milter. So a filter of ours that wants a hold must not
+    ask for it itself unless it is last (core/hold.py): the later ones would never
+    scan the message."""
+    first = probe_milter("first", actions=[{"op": "quarantine", "reason": "held here"}])
+    second = probe_milter("second")
+    postfix.set_milters([first.socket, second.socket])
+    result = postfix.send(SENDER, [RCPT], MESSAGE)
+    assert result.accepted, result
+    assert postfix.wait_held(1) == [result.queue_id]
+    assert first.events("eom")
+    assert second.events("eom") == []
