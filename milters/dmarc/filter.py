@@ -91,7 +91,9 @@ class DmarcFilter(Filter):
         # setting adds the ids of upstream hosts whose results we also believe.
         self.trusted_ids = frozenset(
             {own, *(authresults.normalize_id(x) for x in settings.trusted_authserv_ids)})
-        self.history: HistoryStore | None = open_history(settings.history)
+        # The crash journal (history.py): a row is in it before end-of-message is answered.
+        self.history: HistoryStore | None = open_history(
+            settings.history, settings.history_journal or None, settings.history_fsync)
 
     def shutdown(self) -> None:
         if self.history is not None:
