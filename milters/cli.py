@@ -270,7 +270,13 @@ def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             OpenDMARC's history. Destinations outside the policy domain must
             authorize us in DNS (POLICYDOMAIN._report._dmarc.DEST); the others
             are skipped and named. Reports go through [dmarc] report_smtp_host
-            and report_smtp_port, or into a directory with --dry-run.
+            and report_smtp_port (report_smtp_tls, report_smtp_user for STARTTLS
+            and AUTH), one message per destination, or into a directory with
+            --dry-run. Every send is kept in the history's sent-report log: a
+            second run does not send a report again, and a failed send is
+            retried by a later run (1 h, 2 h, 4 h ... at most a day apart, 8
+            attempts), also for earlier periods. The systemd timer
+            milters-dmarc-report.timer runs this daily.
             Exit status: 0 done, 1 a report could not be sent."""),
     )
     r.add_argument("--begin", metavar="TIME",
@@ -280,6 +286,10 @@ def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="only this policy domain (repeatable)")
     r.add_argument("--dry-run", metavar="DIR",
                    help="write the .xml.gz files to DIR instead of sending them")
+    r.add_argument("--resend", action="store_true",
+                   help="send again to destinations the sent-report log says have it")
+    r.add_argument("--now", metavar="TIME",
+                   help="take TIME as the current time (the default period and retries)")
     _add_config(r)
     st = dsub.add_parser("stats", help="pass/fail counts per From domain and source IP")
     st.add_argument("--hours", type=float, default=24.0, metavar="N",
@@ -483,7 +493,6 @@ def _when(text: str) -> int:
 
 
 def cmd_dmarc(args: argparse.Namespace) -> int:
-    import smtplib
     import time
 
     from milters.core.resolver import Resolver
@@ -505,6 +514,8 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
             print(f"{line.domain:<40} {line.source_ip:<40} {line.passed:>6} "
                   f"{line.failed:>6} {line.other:>6}")
         return 0
+    if args.now:
+        now = _when(args.now)
     day = now - now % 86400
     begin = _when(args.begin) if args.begin else day - 86400
     end = _when(args.end) if args.end else begin + 86400
@@ -512,8 +523,21 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     sender = settings.report_email or f"dmarc-noreply@{cfg.global_.authserv_id}"
     built = reports.build_reports(store.entries(begin, end, args.domain), begin, end, org,
                                   sender)
+    if not args.dry_run:
+        # Reports of earlier periods whose send failed and whose back-off has passed.
+        ids = {r.report_id for r in built}
+        for domain, b, e in reports.due_retries(store, now):
+            for rep in reports.build_reports(store.entries(b, e, [domain]), b, e, org,
+                                             sender):
+                if rep.report_id not in ids:
+                    built.append(rep)
+                    ids.add(rep.report_id)
+    relay = reports.Relay(settings.report_smtp_host, settings.report_smtp_port,
+                          settings.report_smtp_tls, settings.report_smtp_cafile,
+                          settings.report_smtp_user, _read_secret(
+                              settings.report_smtp_password_file))
     resolver = Resolver(cfg.global_.dns)
-    failed = 0
+    done = reports.Delivery()
     for rep in built:
         auth = reports.authorized_destinations(rep, resolver, settings.discovery)
         for address, why in auth.refused:
@@ -523,20 +547,32 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
             print(f"{rep.policy_domain}: {rep.messages} messages, {rep.rows} rows -> {path}"
                   f" (would send to: {', '.join(auth.allowed) or 'nobody'})")
             continue
-        if not auth.allowed:
-            continue
-        try:
-            reports.send_report(reports.report_message(rep, sender, auth.allowed),
-                                settings.report_smtp_host, settings.report_smtp_port)
-        except (OSError, smtplib.SMTPException) as exc:
-            failed += 1
-            print(f"{rep.policy_domain}: not sent: {exc}", file=sys.stderr)
-            continue
-        print(f"{rep.policy_domain}: {rep.messages} messages, {rep.rows} rows sent to "
-              f"{', '.join(auth.allowed)}")
+        reports.deliver(rep, auth.allowed, store, relay, sender, now, done, args.resend)
+    names = {r.report_id: f"{r.policy_domain} {r.begin}-{r.end}" for r in built}
+    for rid, address in done.sent:
+        print(f"{names[rid]}: sent to {address}")
+    for rid, address, why in done.skipped:
+        print(f"{names[rid]}: not sent to {address}: {why}")
+    for rid, address, why in done.failed:
+        print(f"{names[rid]}: sending to {address} failed (retried later): {why}",
+              file=sys.stderr)
     if not built:
         print("no reports for this period")
-    return 1 if failed else 0
+    store.close()
+    return 1 if done.failed else 0
+
+
+def _read_secret(path: str) -> str:
+    """The first line of a password file ("" for no file)."""
+    from pathlib import Path
+
+    if not path:
+        return ""
+    try:
+        lines = Path(path).read_text().splitlines()
+        return lines[0] if lines else ""
+    except OSError as exc:
+        raise MiltersError(f"[dmarc] report_smtp_password_file: {exc}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
