@@ -211,6 +211,83 @@ WantedBy=multi-user.target
 """
 
 
+REPORT_SERVICE = "milters-dmarc-report.service"
+REPORT_TIMER = "milters-dmarc-report.timer"
+
+
+def report_service(executable: str = PLACEHOLDER_EXECUTABLE, user: str = DEFAULT_USER) -> str:
+    """milters-dmarc-report.service: one `milters dmarc report` run (started by its timer)."""
+    exe = shlex.quote(executable)
+    return f"""\
+# Sends yesterday's DMARC aggregate reports (RFC 9990) from the history, and retries
+# the sends that failed before (`milters dmarc report`; its sent-report log keeps a
+# second run from sending anything twice). Started by milters-dmarc-report.timer.
+[Unit]
+Description=milters: send DMARC aggregate reports
+Documentation=https://example.invalid/milters
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+User={user}
+Group={user}
+# Exit 1 (dmarc disabled in the config): skipped, not failed.
+ExecCondition={exe} is-enabled dmarc
+ExecStart={exe} dmarc report
+# The history, its crash journal and the sent-report log are in /var/lib/milters;
+# the config (and report_smtp_password_file) in /etc/milters.
+ConfigurationDirectory=milters
+StateDirectory=milters
+StateDirectoryMode=0750
+TimeoutStartSec=30min
+
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+CapabilityBoundingSet=
+AmbientCapabilities=
+UMask=0077
+"""
+
+
+def report_timer() -> str:
+    """milters-dmarc-report.timer: daily, after the UTC day the reports cover."""
+    return """\
+# Daily DMARC aggregate reports: systemctl enable --now milters-dmarc-report.timer
+# Reports cover the previous UTC day, so the run is shortly after 00:00 UTC (spread
+# over half an hour, so that the MX hosts of a site do not all send at once); a run
+# missed while the machine was off is made up at boot (Persistent).
+[Unit]
+Description=milters: daily DMARC aggregate reports
+
+[Timer]
+OnCalendar=*-*-* 00:15:00 UTC
+RandomizedDelaySec=30min
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+"""
+
+
 def find_executable() -> str:
     """This installation's `milters` script: next to the running Python, else on PATH."""
     beside = Path(sys.executable).parent / "milters"
@@ -256,6 +333,9 @@ class Installer:
                              systemd_unit(self.executable, self.user), 0o644)
             self.ensure_file(f"{UNIT_DIR}/milters.target",
                              systemd_target(self.filter_names), 0o644)
+            self.ensure_file(f"{UNIT_DIR}/{REPORT_SERVICE}",
+                             report_service(self.executable, self.user), 0o644)
+            self.ensure_file(f"{UNIT_DIR}/{REPORT_TIMER}", report_timer(), 0o644)
         return self.log
 
     def note(self, text: str) -> None:
@@ -370,6 +450,7 @@ def next_steps(installer: Installer) -> str:
     if installer.systemd:
         steps += [
             "  2. systemctl daemon-reload && systemctl enable --now milters.target",
+            f"     DMARC aggregate reports, daily: systemctl enable --now {REPORT_TIMER}",
         ]
     else:
         steps += [f"  2. run the filters: {exe} serve (under your own supervisor)"]
