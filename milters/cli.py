@@ -11,11 +11,16 @@ import sys
 import textwrap
 import types
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from milters import __version__, client, registry
 from milters.core.config import Config, render_config
 from milters.core.errors import ConfigError, MiltersError
 from milters.core.logs import setup_logging
+
+if TYPE_CHECKING:
+    from milters.dmarc.report import Relay
+    from milters.dmarc.settings import DmarcSettings
 
 log = logging.getLogger("milters")
 
@@ -48,8 +53,8 @@ commands:
                     Postfix would, and print every action it answers
   dkim genkey|testkey
                     make a DKIM key pair and its TXT record; check a published key
-  dmarc report|stats
-                    send DMARC aggregate reports; print pass/fail statistics
+  dmarc report|failures|stats
+                    send DMARC aggregate and failure reports; print pass/fail statistics
   postfix-config    print the main.cf lines (smtpd_milters ...) for the enabled
                     filters; --master-cf: the submission service override
   install           lay down the system user, /etc/milters, /var/lib/milters
@@ -257,6 +262,7 @@ def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
               milters dmarc report                 yesterday's reports (UTC), sent by SMTP
               milters dmarc report --dry-run DIR   write them to DIR instead
+              milters dmarc failures               send the spooled failure reports (ruf=)
               milters dmarc stats --hours 24       pass/fail per From domain and source"""),
     )
     dsub = p.add_subparsers(dest="dmarc_command", metavar="TOOL", required=True)
@@ -291,6 +297,21 @@ def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     r.add_argument("--now", metavar="TIME",
                    help="take TIME as the current time (the default period and retries)")
     _add_config(r)
+    f = dsub.add_parser(
+        "failures", help="send the RFC 9991 failure reports the filter spooled",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Send the failure reports ([dmarc] failure_reports = true) that the dmarc
+            filter left in [dmarc] failure_spool, in the AFRF format (RFC 6591), the
+            header only (redacted unless failure_redact = false), through the
+            report relay (report_smtp_*). Destinations outside the policy domain
+            must authorize us (POLICYDOMAIN._report._dmarc.DEST). At most
+            failure_max_per_domain reports per policy domain per run; a report
+            the relay refused is retried by the next run for a day. The systemd
+            timer milters-dmarc-failures.timer runs this every five minutes.
+            Exit status: 0 done, 1 a report could not be sent."""),
+    )
+    _add_config(f)
     st = dsub.add_parser("stats", help="pass/fail counts per From domain and source IP")
     st.add_argument("--hours", type=float, default=24.0, metavar="N",
                     help="the last N hours (default: %(default)s)")
@@ -503,7 +524,9 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     cfg = registry.load(args.config)
     settings = cfg.filters["dmarc"]
     assert isinstance(settings, DmarcSettings)
-    store = open_history(settings.history)
+    if args.dmarc_command == "failures":
+        return _dmarc_failures(cfg, settings)
+    store = open_history(settings.history, settings.history_journal or None)
     if store is None:
         raise MiltersError("[dmarc] history is empty: no history to read")
     now = int(time.time())
@@ -532,10 +555,7 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
                 if rep.report_id not in ids:
                     built.append(rep)
                     ids.add(rep.report_id)
-    relay = reports.Relay(settings.report_smtp_host, settings.report_smtp_port,
-                          settings.report_smtp_tls, settings.report_smtp_cafile,
-                          settings.report_smtp_user, _read_secret(
-                              settings.report_smtp_password_file))
+    relay = _relay(settings)
     resolver = Resolver(cfg.global_.dns)
     done = reports.Delivery()
     for rep in built:
@@ -560,6 +580,32 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
         print("no reports for this period")
     store.close()
     return 1 if done.failed else 0
+
+
+def _relay(settings: DmarcSettings) -> Relay:
+    from milters.dmarc.report import Relay
+
+    return Relay(settings.report_smtp_host, settings.report_smtp_port,
+                 settings.report_smtp_tls, settings.report_smtp_cafile,
+                 settings.report_smtp_user, _read_secret(settings.report_smtp_password_file))
+
+
+def _dmarc_failures(cfg: Config, settings: DmarcSettings) -> int:
+    from milters.core.resolver import Resolver
+    from milters.dmarc.failure import send_spool
+
+    sender = settings.report_email or f"dmarc-noreply@{cfg.global_.authserv_id}"
+    run = send_spool(settings.failure_spool, Resolver(cfg.global_.dns), settings.discovery,
+                     _relay(settings), sender, settings.failure_max_per_domain)
+    for name, address in run.sent:
+        print(f"{name}: sent to {address}")
+    for name, address, why in run.refused:
+        print(f"{name}: not sending to {address}: {why}")
+    for domain, count in sorted(run.dropped.items()):
+        print(f"{domain}: {count} failure reports dropped (failure_max_per_domain)")
+    for name, address, why in run.failed:
+        print(f"{name}: sending to {address} failed: {why}", file=sys.stderr)
+    return 1 if run.failed else 0
 
 
 def _read_secret(path: str) -> str:

@@ -213,17 +213,32 @@ WantedBy=multi-user.target
 
 REPORT_SERVICE = "milters-dmarc-report.service"
 REPORT_TIMER = "milters-dmarc-report.timer"
+FAILURES_SERVICE = "milters-dmarc-failures.service"
+FAILURES_TIMER = "milters-dmarc-failures.timer"
 
 
-def report_service(executable: str = PLACEHOLDER_EXECUTABLE, user: str = DEFAULT_USER) -> str:
-    """milters-dmarc-report.service: one `milters dmarc report` run (started by its timer)."""
+def report_service(executable: str = PLACEHOLDER_EXECUTABLE, user: str = DEFAULT_USER,
+                   failures: bool = False) -> str:
+    """milters-dmarc-report.service: one `milters dmarc report` run (started by its
+    timer); with failures=True milters-dmarc-failures.service (`dmarc failures`)."""
     exe = shlex.quote(executable)
-    return f"""\
+    if failures:
+        head = """\
+# Sends the DMARC failure reports (RFC 9991) the dmarc filter spooled when
+# [dmarc] failure_reports = true (`milters dmarc failures`); nothing to do
+# otherwise. Started by milters-dmarc-failures.timer.
+[Unit]
+Description=milters: send DMARC failure reports"""
+        command = "dmarc failures"
+    else:
+        head = """\
 # Sends yesterday's DMARC aggregate reports (RFC 9990) from the history, and retries
 # the sends that failed before (`milters dmarc report`; its sent-report log keeps a
 # second run from sending anything twice). Started by milters-dmarc-report.timer.
 [Unit]
-Description=milters: send DMARC aggregate reports
+Description=milters: send DMARC aggregate reports"""
+        command = "dmarc report"
+    return head + f"""
 Documentation=https://example.invalid/milters
 After=network-online.target
 Wants=network-online.target
@@ -234,9 +249,9 @@ User={user}
 Group={user}
 # Exit 1 (dmarc disabled in the config): skipped, not failed.
 ExecCondition={exe} is-enabled dmarc
-ExecStart={exe} dmarc report
-# The history, its crash journal and the sent-report log are in /var/lib/milters;
-# the config (and report_smtp_password_file) in /etc/milters.
+ExecStart={exe} {command}
+# The history, its crash journal, the sent-report log and the failure spool are in
+# /var/lib/milters; the config (and report_smtp_password_file) in /etc/milters.
 ConfigurationDirectory=milters
 StateDirectory=milters
 StateDirectoryMode=0750
@@ -268,8 +283,24 @@ UMask=0077
 """
 
 
-def report_timer() -> str:
-    """milters-dmarc-report.timer: daily, after the UTC day the reports cover."""
+def report_timer(failures: bool = False) -> str:
+    """milters-dmarc-report.timer: daily, after the UTC day the reports cover; with
+    failures=True milters-dmarc-failures.timer, every five minutes."""
+    if failures:
+        return """\
+# DMARC failure reports (RFC 9991), sent soon after the message:
+#   systemctl enable --now milters-dmarc-failures.timer
+# (only useful with [dmarc] failure_reports = true).
+[Unit]
+Description=milters: DMARC failure reports every five minutes
+
+[Timer]
+OnCalendar=*:0/5
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+"""
     return """\
 # Daily DMARC aggregate reports: systemctl enable --now milters-dmarc-report.timer
 # Reports cover the previous UTC day, so the run is shortly after 00:00 UTC (spread
@@ -336,6 +367,10 @@ class Installer:
             self.ensure_file(f"{UNIT_DIR}/{REPORT_SERVICE}",
                              report_service(self.executable, self.user), 0o644)
             self.ensure_file(f"{UNIT_DIR}/{REPORT_TIMER}", report_timer(), 0o644)
+            self.ensure_file(f"{UNIT_DIR}/{FAILURES_SERVICE}",
+                             report_service(self.executable, self.user, failures=True), 0o644)
+            self.ensure_file(f"{UNIT_DIR}/{FAILURES_TIMER}", report_timer(failures=True),
+                             0o644)
         return self.log
 
     def note(self, text: str) -> None:
@@ -451,6 +486,7 @@ def next_steps(installer: Installer) -> str:
         steps += [
             "  2. systemctl daemon-reload && systemctl enable --now milters.target",
             f"     DMARC aggregate reports, daily: systemctl enable --now {REPORT_TIMER}",
+            f"     (failure reports, if failure_reports = true: {FAILURES_TIMER})",
         ]
     else:
         steps += [f"  2. run the filters: {exe} serve (under your own supervisor)"]

@@ -27,7 +27,7 @@ import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
@@ -184,18 +184,25 @@ class Authorization:
 
 def authorized_destinations(report: AggregateReport, dns: DnsLookup,
                             discovery: Discovery = "treewalk") -> Authorization:
-    """RFC 9990 (report delivery) (RFC 7489 §7.1): a destination outside the policy domain's
-    Organizational Domain must publish POLICYDOMAIN._report._dmarc.DEST with v=DMARC1."""
+    """The rua destinations of an aggregate report that may receive it (`authorize`)."""
+    return authorize(report.policy_domain, report.rua, dns, discovery)
+
+
+def authorize(policy_domain: str, uris: Iterable[str], dns: DnsLookup,
+              discovery: Discovery = "treewalk") -> Authorization:
+    """RFC 9990 (report delivery), RFC 9991 (verifying external destinations), as RFC
+    7489 §7.1: a destination outside the policy domain's Organizational Domain must
+    publish POLICYDOMAIN._report._dmarc.DEST with v=DMARC1."""
     out = Authorization()
     lk = Lookups(dns, discovery)
-    for uri in report.rua:
+    for uri in uris:
         address = uri.removeprefix("mailto:")
         try:
             dest = normalize_domain(address.rpartition("@")[2])
-            if lk.org_domain(dest) == lk.org_domain(report.policy_domain):
+            if lk.org_domain(dest) == lk.org_domain(policy_domain):
                 out.allowed.append(address)
                 continue
-            name = f"{report.policy_domain}._report._dmarc.{dest}"
+            name = f"{policy_domain}._report._dmarc.{dest}"
             if any(is_dmarc(t) for t in dns.txt(name)):
                 out.allowed.append(address)
             else:
@@ -242,7 +249,7 @@ class Relay:
         return ssl.create_default_context(cafile=self.cafile or None)
 
 
-def send_report(msg: EmailMessage, relay: Relay) -> None:
+def send_report(msg: Message, relay: Relay) -> None:
     """Hand one report to the relay; smtplib, ssl and socket errors propagate."""
     smtp: smtplib.SMTP
     if relay.tls == "tls":
@@ -290,7 +297,7 @@ class Delivery:
     failed: list[tuple[str, str, str]] = field(default_factory=list)
 
 
-SendFunction = Callable[[EmailMessage, Relay], None]
+SendFunction = Callable[[Message, Relay], None]
 
 
 def deliver(report: AggregateReport, addresses: Sequence[str], store: HistoryStore,

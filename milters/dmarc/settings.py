@@ -133,3 +133,22 @@ class DmarcSettings(FilterSettings):
         "", "file holding the SMTP AUTH password (its first line), readable by the report "
         "job only", check_absolute_or_empty,
     )
+    failure_reports: bool = setting(
+        False,
+        "send RFC 9991 failure reports to the ruf= addresses of policies that ask (fo=): "
+        "the header only, never the body; spooled by the filter, sent by `milters dmarc "
+        "failures` (milters-dmarc-failures.timer)",
+    )
+    failure_spool: str = setting(
+        "/var/lib/milters/dmarc-failures", "directory of failure reports waiting to be sent",
+        check_absolute_or_empty,
+    )
+    failure_redact: bool = setting(
+        True,
+        "in failure reports, replace the local parts of recipient addresses and the "
+        "Subject, and leave out the envelope recipients (RFC 6590)",
+    )
+    failure_max_per_domain: int = setting(
+        5, "failure reports sent per policy domain per run; the rest are dropped",
+        check_range(1, 1000),
+    )

@@ -102,6 +102,9 @@ def test_install_into_a_prefix_twice(tmp_path: Path) -> None:
     report = (prefix / "etc/systemd/system/milters-dmarc-report.service").read_text()
     assert f"\nExecStart={exe} dmarc report\n" in report
     assert (prefix / "etc/systemd/system/milters-dmarc-report.timer").exists()
+    failures = (prefix / "etc/systemd/system/milters-dmarc-failures.service").read_text()
+    assert f"\nExecStart={exe} dmarc failures\n" in failures
+    assert (prefix / "etc/systemd/system/milters-dmarc-failures.timer").exists()
     assert "systemctl enable --now milters-dmarc-report.timer" in first.stdout
 
     # The administrator edits the config; a second install keeps it, changes nothing.
