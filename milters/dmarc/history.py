@@ -92,7 +92,7 @@ CREATE TABLE IF NOT EXISTS dmarc_report_log (
 # After the table is known to have the uid column (a history from before it is
 # migrated first): NULLs (old rows) are distinct, so they do not collide.
 _UID_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS dmarc_history_uid ON dmarc_history (uid)"
-_INSERT_COLUMNS = [*_COLUMNS, "uid"]
+_INSERT_COLUMNS = (*_COLUMNS, "uid")
 
 
 @dataclass(frozen=True)
@@ -318,10 +318,14 @@ class BatchedHistory(HistoryStore):
                 self._writer.start()
                 self._writer_pid = os.getpid()
                 atexit.register(self.close)  # what is queued is written at exit
-            if self.journal is not None:
-                self.journal.append(line)
             self._pending.append(row)
             self._wake.notify()
+            if self.journal is not None:
+                try:
+                    self.journal.append(line)
+                except OSError as exc:  # the row is still queued; only crash safety is lost
+                    log.warning("DMARC history journal %s: row not journaled: %s",
+                                self.journal.directory, exc)
 
     def _write_loop(self) -> None:
         while True:

@@ -231,3 +231,11 @@ def test_sent_report_log(opener: Opener) -> None:
     assert [(s.report_id, s.destination, s.state, s.attempts) for s in opener().sends("r1")] \
         == [("r1", "a@example.com", "sent", 2), ("r1", "b@example.com", "sent", 1)]
     assert len(store.sends()) == 3
+
+
+def test_an_unwritable_journal_still_records(tmp_path: Path) -> None:
+    (tmp_path / "j").write_text("a file where the journal directory should be")
+    store = SqliteHistory(str(tmp_path / "h.sqlite"), journal=str(tmp_path / "j"))
+    store.record(ENTRY)
+    assert store.entries(0, 10**9) == [ENTRY]
+    store.close()
