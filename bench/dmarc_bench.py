@@ -72,7 +72,8 @@ def messages(size: int) -> list[Prepared]:
 
 
 def start_ours(factory: ProcessFactory, d: Path, workers: int, log_level: str,
-               discovery: str, keep_history: bool = True) -> tuple[ManagedProcess, str]:
+               discovery: str, keep_history: bool = True,
+               fsync: bool = False) -> tuple[ManagedProcess, str]:
     port = free_port()
     history = f"{d}/history-{port}.sqlite" if keep_history else ""
     cfg = d / f"dmarc-{port}.toml"
@@ -80,7 +81,8 @@ def start_ours(factory: ProcessFactory, d: Path, workers: int, log_level: str,
         f'[global]\nauthserv_id = "{AUTHSERV}"\nlog_level = "{log_level}"\n'
         f'[global.dns]\nnameservers = ["{DNS_ADDRESS}"]\nport = 53\n'
         f'[dmarc]\nsocket = "inet:{port}@127.0.0.1"\nworkers = {workers}\n'
-        f'discovery = "{discovery}"\nhistory = "{history}"\n')
+        f'discovery = "{discovery}"\nhistory = "{history}"\n'
+        f"history_fsync = {'true' if fsync else 'false'}\n")
     return common.start_milters(factory, "dmarc", cfg, port, workers), common.spec_for(port)
 
 
@@ -123,6 +125,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-peer", action="store_true", help="skip OpenDMARC")
     p.add_argument("--no-history", action="store_true",
                    help="run our filter without its history (what the store costs)")
+    p.add_argument("--history-fsync", action="store_true",
+                   help="history_fsync = true (fdatasync of the crash journal per message)")
     p.add_argument("--discovery", choices=("treewalk", "psl"), action="append",
                    help="our discovery method(s) (default: treewalk)")
     p.add_argument("--connections", type=int, action="append",
@@ -146,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             for discovery in args.discovery or ["treewalk"]:
                 proc, spec = start_ours(factory, Path(tmp), args.workers, args.log_level,
-                                        discovery, not args.no_history)
+                                        discovery, not args.no_history,
+                                        args.history_fsync)
                 result["milters"].append(measure(f"dmarc ({discovery})", proc, spec, prepared,
                                                  args, args.workers))
                 proc.cleanup()

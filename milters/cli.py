@@ -11,11 +11,16 @@ import sys
 import textwrap
 import types
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from milters import __version__, client, registry
 from milters.core.config import Config, render_config
 from milters.core.errors import ConfigError, MiltersError
 from milters.core.logs import setup_logging
+
+if TYPE_CHECKING:
+    from milters.dmarc.report import Relay
+    from milters.dmarc.settings import DmarcSettings
 
 log = logging.getLogger("milters")
 
@@ -48,8 +53,8 @@ commands:
                     Postfix would, and print every action it answers
   dkim genkey|testkey
                     make a DKIM key pair and its TXT record; check a published key
-  dmarc report|stats
-                    send DMARC aggregate reports; print pass/fail statistics
+  dmarc report|failures|stats
+                    send DMARC aggregate and failure reports; print pass/fail statistics
   postfix-config    print the main.cf lines (smtpd_milters ...) for the enabled
                     filters; --master-cf: the submission service override
   install           lay down the system user, /etc/milters, /var/lib/milters
@@ -262,6 +267,7 @@ def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
               milters dmarc report                 yesterday's reports (UTC), sent by SMTP
               milters dmarc report --dry-run DIR   write them to DIR instead
+              milters dmarc failures               send the spooled failure reports (ruf=)
               milters dmarc stats --hours 24       pass/fail per From domain and source"""),
     )
     dsub = p.add_subparsers(dest="dmarc_command", metavar="TOOL", required=True)
@@ -275,7 +281,13 @@ def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
             OpenDMARC's history. Destinations outside the policy domain must
             authorize us in DNS (POLICYDOMAIN._report._dmarc.DEST); the others
             are skipped and named. Reports go through [dmarc] report_smtp_host
-            and report_smtp_port, or into a directory with --dry-run.
+            and report_smtp_port (report_smtp_tls, report_smtp_user for STARTTLS
+            and AUTH), one message per destination, or into a directory with
+            --dry-run. Every send is kept in the history's sent-report log: a
+            second run does not send a report again, and a failed send is
+            retried by a later run (1 h, 2 h, 4 h ... at most a day apart, 8
+            attempts), also for earlier periods. The systemd timer
+            milters-dmarc-report.timer runs this daily.
             Exit status: 0 done, 1 a report could not be sent."""),
     )
     r.add_argument("--begin", metavar="TIME",
@@ -285,7 +297,26 @@ def _add_dmarc(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    help="only this policy domain (repeatable)")
     r.add_argument("--dry-run", metavar="DIR",
                    help="write the .xml.gz files to DIR instead of sending them")
+    r.add_argument("--resend", action="store_true",
+                   help="send again to destinations the sent-report log says have it")
+    r.add_argument("--now", metavar="TIME",
+                   help="take TIME as the current time (the default period and retries)")
     _add_config(r)
+    f = dsub.add_parser(
+        "failures", help="send the RFC 9991 failure reports the filter spooled",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Send the failure reports ([dmarc] failure_reports = true) that the dmarc
+            filter left in [dmarc] failure_spool, in the AFRF format (RFC 6591), the
+            header only (redacted unless failure_redact = false), through the
+            report relay (report_smtp_*). Destinations outside the policy domain
+            must authorize us (POLICYDOMAIN._report._dmarc.DEST). At most
+            failure_max_per_domain reports per policy domain per run; a report
+            the relay refused is retried by the next run for a day. The systemd
+            timer milters-dmarc-failures.timer runs this every five minutes.
+            Exit status: 0 done, 1 a report could not be sent."""),
+    )
+    _add_config(f)
     st = dsub.add_parser("stats", help="pass/fail counts per From domain and source IP")
     st.add_argument("--hours", type=float, default=24.0, metavar="N",
                     help="the last N hours (default: %(default)s)")
@@ -492,7 +523,6 @@ def _when(text: str) -> int:
 
 
 def cmd_dmarc(args: argparse.Namespace) -> int:
-    import smtplib
     import time
 
     from milters.core.resolver import Resolver
@@ -503,7 +533,9 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     cfg = registry.load(args.config)
     settings = cfg.filters["dmarc"]
     assert isinstance(settings, DmarcSettings)
-    store = open_history(settings.history)
+    if args.dmarc_command == "failures":
+        return _dmarc_failures(cfg, settings)
+    store = open_history(settings.history, settings.history_journal or None)
     if store is None:
         raise MiltersError("[dmarc] history is empty: no history to read")
     now = int(time.time())
@@ -514,6 +546,8 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
             print(f"{line.domain:<40} {line.source_ip:<40} {line.passed:>6} "
                   f"{line.failed:>6} {line.other:>6}")
         return 0
+    if args.now:
+        now = _when(args.now)
     day = now - now % 86400
     begin = _when(args.begin) if args.begin else day - 86400
     end = _when(args.end) if args.end else begin + 86400
@@ -521,8 +555,18 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     sender = settings.report_email or f"dmarc-noreply@{cfg.global_.authserv_id}"
     built = reports.build_reports(store.entries(begin, end, args.domain), begin, end, org,
                                   sender)
+    if not args.dry_run:
+        # Reports of earlier periods whose send failed and whose back-off has passed.
+        ids = {r.report_id for r in built}
+        for domain, b, e in reports.due_retries(store, now):
+            for rep in reports.build_reports(store.entries(b, e, [domain]), b, e, org,
+                                             sender):
+                if rep.report_id not in ids:
+                    built.append(rep)
+                    ids.add(rep.report_id)
+    relay = _relay(settings)
     resolver = Resolver(cfg.global_.dns)
-    failed = 0
+    done = reports.Delivery()
     for rep in built:
         auth = reports.authorized_destinations(rep, resolver, settings.discovery)
         for address, why in auth.refused:
@@ -532,20 +576,58 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
             print(f"{rep.policy_domain}: {rep.messages} messages, {rep.rows} rows -> {path}"
                   f" (would send to: {', '.join(auth.allowed) or 'nobody'})")
             continue
-        if not auth.allowed:
-            continue
-        try:
-            reports.send_report(reports.report_message(rep, sender, auth.allowed),
-                                settings.report_smtp_host, settings.report_smtp_port)
-        except (OSError, smtplib.SMTPException) as exc:
-            failed += 1
-            print(f"{rep.policy_domain}: not sent: {exc}", file=sys.stderr)
-            continue
-        print(f"{rep.policy_domain}: {rep.messages} messages, {rep.rows} rows sent to "
-              f"{', '.join(auth.allowed)}")
+        reports.deliver(rep, auth.allowed, store, relay, sender, now, done, args.resend)
+    names = {r.report_id: f"{r.policy_domain} {r.begin}-{r.end}" for r in built}
+    for rid, address in done.sent:
+        print(f"{names[rid]}: sent to {address}")
+    for rid, address, why in done.skipped:
+        print(f"{names[rid]}: not sent to {address}: {why}")
+    for rid, address, why in done.failed:
+        print(f"{names[rid]}: sending to {address} failed (retried later): {why}",
+              file=sys.stderr)
     if not built:
         print("no reports for this period")
-    return 1 if failed else 0
+    store.close()
+    return 1 if done.failed else 0
+
+
+def _relay(settings: DmarcSettings) -> Relay:
+    from milters.dmarc.report import Relay
+
+    return Relay(settings.report_smtp_host, settings.report_smtp_port,
+                 settings.report_smtp_tls, settings.report_smtp_cafile,
+                 settings.report_smtp_user, _read_secret(settings.report_smtp_password_file))
+
+
+def _dmarc_failures(cfg: Config, settings: DmarcSettings) -> int:
+    from milters.core.resolver import Resolver
+    from milters.dmarc.failure import send_spool
+
+    sender = settings.report_email or f"dmarc-noreply@{cfg.global_.authserv_id}"
+    run = send_spool(settings.failure_spool, Resolver(cfg.global_.dns), settings.discovery,
+                     _relay(settings), sender, settings.failure_max_per_domain)
+    for name, address in run.sent:
+        print(f"{name}: sent to {address}")
+    for name, address, why in run.refused:
+        print(f"{name}: not sending to {address}: {why}")
+    for domain, count in sorted(run.dropped.items()):
+        print(f"{domain}: {count} failure reports dropped (failure_max_per_domain)")
+    for name, address, why in run.failed:
+        print(f"{name}: sending to {address} failed: {why}", file=sys.stderr)
+    return 1 if run.failed else 0
+
+
+def _read_secret(path: str) -> str:
+    """The first line of a password file ("" for no file)."""
+    from pathlib import Path
+
+    if not path:
+        return ""
+    try:
+        lines = Path(path).read_text().splitlines()
+        return lines[0] if lines else ""
+    except OSError as exc:
+        raise MiltersError(f"[dmarc] report_smtp_password_file: {exc}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

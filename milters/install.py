@@ -218,6 +218,114 @@ WantedBy=multi-user.target
 """
 
 
+REPORT_SERVICE = "milters-dmarc-report.service"
+REPORT_TIMER = "milters-dmarc-report.timer"
+FAILURES_SERVICE = "milters-dmarc-failures.service"
+FAILURES_TIMER = "milters-dmarc-failures.timer"
+
+
+def report_service(executable: str = PLACEHOLDER_EXECUTABLE, user: str = DEFAULT_USER,
+                   failures: bool = False) -> str:
+    """milters-dmarc-report.service: one `milters dmarc report` run (started by its
+    timer); with failures=True milters-dmarc-failures.service (`dmarc failures`)."""
+    exe = shlex.quote(executable)
+    if failures:
+        head = """\
+# Sends the DMARC failure reports (RFC 9991) the dmarc filter spooled when
+# [dmarc] failure_reports = true (`milters dmarc failures`); nothing to do
+# otherwise. Started by milters-dmarc-failures.timer.
+[Unit]
+Description=milters: send DMARC failure reports"""
+        command = "dmarc failures"
+    else:
+        head = """\
+# Sends yesterday's DMARC aggregate reports (RFC 9990) from the history, and retries
+# the sends that failed before (`milters dmarc report`; its sent-report log keeps a
+# second run from sending anything twice). Started by milters-dmarc-report.timer.
+[Unit]
+Description=milters: send DMARC aggregate reports"""
+        command = "dmarc report"
+    return head + f"""
+Documentation=https://example.invalid/milters
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=oneshot
+User={user}
+Group={user}
+# Exit 1 (dmarc disabled in the config): skipped, not failed.
+ExecCondition={exe} is-enabled dmarc
+ExecStart={exe} {command}
+# The history, its crash journal, the sent-report log and the failure spool are in
+# /var/lib/milters; the config (and report_smtp_password_file) in /etc/milters.
+ConfigurationDirectory=milters
+StateDirectory=milters
+StateDirectoryMode=0750
+TimeoutStartSec=30min
+
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome=yes
+PrivateTmp=yes
+PrivateDevices=yes
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+ProtectClock=yes
+ProtectHostname=yes
+ProtectProc=invisible
+RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+MemoryDenyWriteExecute=yes
+SystemCallArchitectures=native
+SystemCallFilter=@system-service
+CapabilityBoundingSet=
+AmbientCapabilities=
+UMask=0077
+"""
+
+
+def report_timer(failures: bool = False) -> str:
+    """milters-dmarc-report.timer: daily, after the UTC day the reports cover; with
+    failures=True milters-dmarc-failures.timer, every five minutes."""
+    if failures:
+        return """\
+# DMARC failure reports (RFC 9991), sent soon after the message:
+#   systemctl enable --now milters-dmarc-failures.timer
+# (only useful with [dmarc] failure_reports = true).
+[Unit]
+Description=milters: DMARC failure reports every five minutes
+
+[Timer]
+OnCalendar=*:0/5
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+"""
+    return """\
+# Daily DMARC aggregate reports: systemctl enable --now milters-dmarc-report.timer
+# Reports cover the previous UTC day, so the run is shortly after 00:00 UTC (spread
+# over half an hour, so that the MX hosts of a site do not all send at once); a run
+# missed while the machine was off is made up at boot (Persistent).
+[Unit]
+Description=milters: daily DMARC aggregate reports
+
+[Timer]
+OnCalendar=*-*-* 00:15:00 UTC
+RandomizedDelaySec=30min
+Persistent=true
+
+[Install]
+WantedBy=timers.target
+"""
+
+
 def find_executable() -> str:
     """This installation's `milters` script: next to the running Python, else on PATH."""
     beside = Path(sys.executable).parent / "milters"
@@ -263,6 +371,13 @@ class Installer:
                              systemd_unit(self.executable, self.user), 0o644)
             self.ensure_file(f"{UNIT_DIR}/milters.target",
                              systemd_target(self.filter_names), 0o644)
+            self.ensure_file(f"{UNIT_DIR}/{REPORT_SERVICE}",
+                             report_service(self.executable, self.user), 0o644)
+            self.ensure_file(f"{UNIT_DIR}/{REPORT_TIMER}", report_timer(), 0o644)
+            self.ensure_file(f"{UNIT_DIR}/{FAILURES_SERVICE}",
+                             report_service(self.executable, self.user, failures=True), 0o644)
+            self.ensure_file(f"{UNIT_DIR}/{FAILURES_TIMER}", report_timer(failures=True),
+                             0o644)
         return self.log
 
     def note(self, text: str) -> None:
@@ -377,6 +492,8 @@ def next_steps(installer: Installer) -> str:
     if installer.systemd:
         steps += [
             "  2. systemctl daemon-reload && systemctl enable --now milters.target",
+            f"     DMARC aggregate reports, daily: systemctl enable --now {REPORT_TIMER}",
+            f"     (failure reports, if failure_reports = true: {FAILURES_TIMER})",
         ]
     else:
         steps += [f"  2. run the filters: {exe} serve (under your own supervisor)"]

@@ -35,6 +35,7 @@ from milters.dmarc.evaluate import (
     author_domains,
     evaluate_authors,
 )
+from milters.dmarc.failure import header_pairs, spool_from_settings
 from milters.dmarc.history import HistoryEntry, HistoryStore, open_history
 from milters.dmarc.record import DmarcRecord
 from milters.dmarc.settings import DmarcSettings
@@ -99,7 +100,11 @@ class DmarcFilter(Filter):
         # setting adds the ids of upstream hosts whose results we also believe.
         self.trusted_ids = frozenset(
             {own, *(authresults.normalize_id(x) for x in settings.trusted_authserv_ids)})
-        self.history: HistoryStore | None = open_history(settings.history)
+        # The crash journal (history.py): a row is in it before end-of-message is answered.
+        self.history: HistoryStore | None = open_history(
+            settings.history, settings.history_journal or None, settings.history_fsync)
+        self.failures = spool_from_settings(settings.failure_reports, settings.failure_spool,
+                                            settings.failure_redact)
 
     def shutdown(self) -> None:
         if self.history is not None:
@@ -191,6 +196,8 @@ class DmarcFilter(Filter):
         ev = evaluate_authors(authors, dkim or [], spf, self.env.resolver, s.discovery)
         verdict, override = self.act(ev)
         self.remember(tx, ev, dkim or [], spf, verdict, override)
+        if self.failures is not None:  # opt-in RFC 9991 failure reports (failure.py)
+            self.spool_failure(tx, ev, dkim or [], spf, verdict)
         return verdict
 
     def act(self, ev: Evaluation) -> tuple[Verdict, str]:
@@ -225,6 +232,21 @@ class DmarcFilter(Filter):
                               f"quarantine (policy of {ev.policy_domain})")
             return replace(verdict, header_edits=(edit,)), override
         return verdict, override
+
+    def spool_failure(self, tx: Transaction, ev: Evaluation, dkim: Sequence[DkimInput],
+                      spf: SpfInput | None, verdict: Verdict) -> None:
+        """Leave a failure report for `milters dmarc failures` when the policy asks for
+        one; a spool failure is logged, never fatal."""
+        assert self.failures is not None
+        disposition = ("reject" if verdict.action is Action.REJECT else
+                       "quarantine" if verdict.quarantine or verdict.header_edits else "none")
+        try:
+            self.failures.consider(ev, dkim, spf, header_pairs(tx.headers),
+                                   tx.connection.client_addr, tx.mail_from, tx.rcpt_to,
+                                   disposition, self.own_id)
+        except OSError as exc:
+            log.warning("queue_id=%s filter=dmarc failure report not spooled: %s",
+                        tx.queue_id or "NOQUEUE", exc)
 
     def remember(self, tx: Transaction, ev: Evaluation, dkim: Sequence[DkimInput],
                  spf: SpfInput | None, verdict: Verdict, override: str) -> None:

@@ -6,6 +6,15 @@ selector kept, XML in the urn:ietf:params:xml:ns:dmarc-2.0 namespace, gzipped.
 Destinations outside the policy domain's Organizational Domain must authorize
 us (RFC 9990 (report delivery) / RFC 7489 §7.1: a v=DMARC1 TXT record at
 POLICYDOMAIN._report._dmarc.DESTINATION) before a report goes there.
+
+File name and Subject name the receiver by its domain (RFC 9990 (report delivery):
+`receiver "!" policy-domain "!" begin "!" end [ "!" unique-id ] "." extension`,
+receiver = domain; "Submitter:" domain-name), which is the domain of the report's
+From address, not org_name (free text, may contain spaces). Sending goes through
+one relay (STARTTLS or implicit TLS, SMTP AUTH), one message per destination, and
+every attempt is kept in the store's sent-report log: a report sent to a
+destination is not sent there again, a failed one is retried by a later run once
+its back-off has passed.
 """
 
 from __future__ import annotations
@@ -13,18 +22,19 @@ from __future__ import annotations
 import gzip
 import hashlib
 import smtplib
+import ssl
 import xml.etree.ElementTree as ET
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from email.message import EmailMessage
+from email.message import EmailMessage, Message
 from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 from milters import __version__
 from milters.core.errors import PermError, TempError
 from milters.dmarc.evaluate import Discovery, DnsLookup, Lookups, normalize_domain
-from milters.dmarc.history import HistoryEntry
+from milters.dmarc.history import HistoryEntry, HistoryStore, ReportSend
 from milters.dmarc.record import is_dmarc
 
 NAMESPACE = "urn:ietf:params:xml:ns:dmarc-2.0"
@@ -43,11 +53,13 @@ class AggregateReport:
     rua: tuple[str, ...]
     rows: int
     messages: int
+    receiver: str = ""  # the reporting domain (RFC 9990: receiver = domain)
 
     @property
     def filename(self) -> str:
-        """RFC 9990 (report delivery): receiver!policy-domain!begin!end!unique-id.xml.gz."""
-        return (f"{self.org_name}!{self.policy_domain}!{self.begin}!{self.end}!"
+        """RFC 9990 (report delivery): receiver!policy-domain!begin!end!unique-id.xml.gz,
+        receiver being a domain; the unique-id is a MIME token (no "!" nor spaces)."""
+        return (f"{self.receiver}!{self.policy_domain}!{self.begin}!{self.end}!"
                 f"{self.report_id}.xml.gz")
 
     def gzipped(self) -> bytes:
@@ -73,11 +85,20 @@ def _evaluated_disposition(e: HistoryEntry) -> str:
     return e.disposition
 
 
+def receiver_domain(email: str) -> str:
+    """The reporting domain: that of the report's From address."""
+    return email.rpartition("@")[2].strip().strip(">").rstrip(".").lower()
+
+
 def build_report(domain: str, entries: Sequence[HistoryEntry], begin: int, end: int,
                  org_name: str, email: str) -> AggregateReport:
-    """The aggregate report for one policy domain from its evaluations in [begin, end)."""
+    """The aggregate report for one policy domain from its evaluations in [begin, end).
+    The report id depends on the receiver, domain and period only, so that a rebuilt
+    report (a retry) has the id of the first attempt (RFC 9990: the Report-ID lets
+    the Domain Owner ignore duplicates)."""
     last = entries[-1]
-    digest = hashlib.sha256(f"{org_name}|{domain}|{begin}|{end}".encode()).hexdigest()[:16]
+    receiver = receiver_domain(email)
+    digest = hashlib.sha256(f"{receiver}|{domain}|{begin}|{end}".encode()).hexdigest()[:16]
     report_id = f"{begin}.{digest}"
     ET.register_namespace("", NAMESPACE)
     root = ET.Element(f"{{{NAMESPACE}}}feedback")
@@ -139,7 +160,7 @@ def build_report(domain: str, entries: Sequence[HistoryEntry], begin: int, end: 
     ET.indent(root)
     xml = ET.tostring(root, encoding="utf-8", xml_declaration=True)
     return AggregateReport(domain, begin, end, report_id, org_name, xml, last.rua,
-                           len(groups), len(entries))
+                           len(groups), len(entries), receiver)
 
 
 def build_reports(entries: Iterable[HistoryEntry], begin: int, end: int, org_name: str,
@@ -163,18 +184,25 @@ class Authorization:
 
 def authorized_destinations(report: AggregateReport, dns: DnsLookup,
                             discovery: Discovery = "treewalk") -> Authorization:
-    """RFC 9990 (report delivery) (RFC 7489 §7.1): a destination outside the policy domain's
-    Organizational Domain must publish POLICYDOMAIN._report._dmarc.DEST with v=DMARC1."""
+    """The rua destinations of an aggregate report that may receive it (`authorize`)."""
+    return authorize(report.policy_domain, report.rua, dns, discovery)
+
+
+def authorize(policy_domain: str, uris: Iterable[str], dns: DnsLookup,
+              discovery: Discovery = "treewalk") -> Authorization:
+    """RFC 9990 (report delivery), RFC 9991 (verifying external destinations), as RFC
+    7489 §7.1: a destination outside the policy domain's Organizational Domain must
+    publish POLICYDOMAIN._report._dmarc.DEST with v=DMARC1."""
     out = Authorization()
     lk = Lookups(dns, discovery)
-    for uri in report.rua:
+    for uri in uris:
         address = uri.removeprefix("mailto:")
         try:
             dest = normalize_domain(address.rpartition("@")[2])
-            if lk.org_domain(dest) == lk.org_domain(report.policy_domain):
+            if lk.org_domain(dest) == lk.org_domain(policy_domain):
                 out.allowed.append(address)
                 continue
-            name = f"{report.policy_domain}._report._dmarc.{dest}"
+            name = f"{policy_domain}._report._dmarc.{dest}"
             if any(is_dmarc(t) for t in dns.txt(name)):
                 out.allowed.append(address)
             else:
@@ -187,25 +215,125 @@ def authorized_destinations(report: AggregateReport, dns: DnsLookup,
 
 
 def report_message(report: AggregateReport, sender: str, to: Sequence[str]) -> EmailMessage:
-    """The report mail (RFC 9990, report delivery): gzipped XML attached, its subject."""
+    """The report mail (RFC 9990, report delivery): gzipped XML attached, its subject
+    "Report Domain: POLICY-DOMAIN Submitter: RECEIVER-DOMAIN Report-ID: <ID>"."""
     msg = EmailMessage()
     msg["From"] = sender
     msg["To"] = ", ".join(to)
     msg["Date"] = formatdate(localtime=False)
-    msg["Message-ID"] = make_msgid(domain=sender.rpartition("@")[2] or None)
-    msg["Subject"] = (f"Report Domain: {report.policy_domain} Submitter: {report.org_name} "
+    msg["Message-ID"] = make_msgid(domain=report.receiver or None)
+    msg["Subject"] = (f"Report Domain: {report.policy_domain} Submitter: {report.receiver} "
                       f"Report-ID: <{report.report_id}>")
     msg.set_content(f"DMARC aggregate report for {report.policy_domain} from "
-                    f"{report.org_name}: {report.messages} messages in {report.rows} rows.\n")
+                    f"{report.org_name} ({report.receiver}): {report.messages} messages in "
+                    f"{report.rows} rows.\n")
     msg.add_attachment(report.gzipped(), maintype="application", subtype="gzip",
                        filename=report.filename)
     return msg
 
 
-def send_report(msg: EmailMessage, host: str, port: int, timeout: float = 30.0) -> None:
-    """Hand one report to the SMTP server; smtplib errors propagate to the caller."""
-    with smtplib.SMTP(host, port, timeout=timeout) as smtp:
+@dataclass(frozen=True)
+class Relay:
+    """The SMTP server reports go through ([dmarc] report_smtp_*)."""
+
+    host: str = "127.0.0.1"
+    port: int = 25
+    tls: str = "none"  # "none", "starttls" (RFC 3207, required), "tls" (implicit)
+    cafile: str = ""  # "" : the system's CA certificates
+    user: str = ""  # SMTP AUTH (RFC 4954) when set
+    password: str = ""
+    timeout: float = 30.0
+
+    def context(self) -> ssl.SSLContext:
+        # Verified, against the host name we were given: AUTH must not go to a stranger.
+        return ssl.create_default_context(cafile=self.cafile or None)
+
+
+def send_report(msg: Message, relay: Relay) -> None:
+    """Hand one report to the relay; smtplib, ssl and socket errors propagate."""
+    smtp: smtplib.SMTP
+    if relay.tls == "tls":
+        smtp = smtplib.SMTP_SSL(relay.host, relay.port, timeout=relay.timeout,
+                                context=relay.context())
+    else:
+        smtp = smtplib.SMTP(relay.host, relay.port, timeout=relay.timeout)
+    with smtp:
+        if relay.tls == "starttls":
+            smtp.starttls(context=relay.context())  # SMTPNotSupportedError if not offered
+        if relay.user:
+            if relay.tls == "none":
+                raise smtplib.SMTPException("SMTP AUTH without TLS refused: set "
+                                            "report_smtp_tls")
+            smtp.login(relay.user, relay.password)
         smtp.send_message(msg)
+
+
+# A failed send is retried by a later run, after 1 h, 2 h, 4 h, ... at most a day
+# apart; after MAX_ATTEMPTS the destination is given up (the log says so).
+FIRST_RETRY = 3600
+MAX_RETRY = 86400
+MAX_ATTEMPTS = 8
+
+
+def next_retry(now: int, attempts: int) -> int:
+    """When a destination that failed `attempts` times is tried again."""
+    delay: int = min(FIRST_RETRY << min(max(attempts - 1, 0), 20), MAX_RETRY)
+    return now + delay
+
+
+def due_retries(store: HistoryStore, now: int) -> list[tuple[str, int, int]]:
+    """(policy domain, begin, end) of reports with a failed destination due again."""
+    due = {(s.policy_domain, s.begin, s.end) for s in store.sends()
+           if s.state == "failed" and s.next_attempt <= now}
+    return sorted(due)
+
+
+@dataclass
+class Delivery:
+    """What one run did, per report and destination (for the command's output)."""
+
+    sent: list[tuple[str, str]] = field(default_factory=list)  # (report id, address)
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)  # (id, address, why)
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+SendFunction = Callable[[Message, Relay], None]
+
+
+def deliver(report: AggregateReport, addresses: Sequence[str], store: HistoryStore,
+            relay: Relay, sender: str, now: int, out: Delivery, resend: bool = False,
+            send: SendFunction = send_report) -> None:
+    """Send `report` to each address that has not had it yet (or is due a retry),
+    one message each, and record every attempt in the sent-report log."""
+    known = {s.destination: s for s in store.sends(report.report_id)}
+    for address in addresses:
+        before = known.get(address)
+        if before is not None and not resend:
+            if before.state == "sent":
+                out.skipped.append((report.report_id, address, "already sent"))
+                continue
+            if before.state == "gave_up":
+                out.skipped.append((report.report_id, address,
+                                    f"given up after {before.attempts} attempts"))
+                continue
+            if before.next_attempt > now:
+                out.skipped.append((report.report_id, address,
+                                    f"next attempt at {before.next_attempt}"))
+                continue
+        attempts = (before.attempts if before is not None else 0) + 1
+        try:
+            send(report_message(report, sender, [address]), relay)
+        except (OSError, smtplib.SMTPException, ssl.SSLError) as exc:
+            state = "gave_up" if attempts >= MAX_ATTEMPTS else "failed"
+            why = f"{type(exc).__name__}: {exc}"
+            store.log_send(ReportSend(report.report_id, address, report.policy_domain,
+                                      report.begin, report.end, state, attempts, now,
+                                      next_retry(now, attempts), why[:500]))
+            out.failed.append((report.report_id, address, why))
+            continue
+        store.log_send(ReportSend(report.report_id, address, report.policy_domain,
+                                  report.begin, report.end, "sent", attempts, now, 0))
+        out.sent.append((report.report_id, address))
 
 
 def write_report(report: AggregateReport, directory: str | Path) -> Path:

@@ -15,6 +15,13 @@ DiscoveryMethod = Literal["treewalk", "psl"]
 OnQuarantine = Literal["hold", "tag", "accept"]
 OnBadFrom = Literal["permerror", "reject"]
 OnTempError = Literal["accept", "tempfail"]
+ReportTls = Literal["none", "starttls", "tls"]
+
+
+def check_absolute_or_empty(value: str) -> str | None:
+    if value and not value.startswith("/"):
+        return 'an absolute path, or ""'
+    return None
 
 
 def check_history(value: str) -> str | None:
@@ -99,3 +106,51 @@ class DmarcSettings(FilterSettings):
     )
     report_smtp_host: str = setting("127.0.0.1", "SMTP server reports are sent through")
     report_smtp_port: int = setting(25, "its port", check_range(1, 65535))
+    history_journal: str = setting(
+        "",
+        "directory of the crash journal: each evaluation is appended there before the "
+        "filter answers, and replayed into the history after a crash (default: the SQLite "
+        "file's name + .journal, or /var/lib/milters/dmarc-history.journal for PostgreSQL)",
+        check_absolute_or_empty,
+    )
+    history_fsync: bool = setting(
+        False,
+        "fdatasync(2) the journal after every evaluation: survives an operating system "
+        "crash or power loss too, not only a crash of the filter (costs a disk flush "
+        "per message)",
+    )
+    report_smtp_tls: ReportTls = setting(
+        "none",
+        'TLS to the report relay: "none", "starttls" (required, RFC 3207) or "tls" '
+        "(implicit TLS, port 465); the certificate is verified against report_smtp_host",
+    )
+    report_smtp_cafile: str = setting(
+        "", "CA certificates (PEM file) for the relay's certificate; default: the system's",
+        check_absolute_or_empty,
+    )
+    report_smtp_user: str = setting(
+        "", "SMTP AUTH user name at the report relay (RFC 4954); needs report_smtp_tls"
+    )
+    report_smtp_password_file: str = setting(
+        "", "file holding the SMTP AUTH password (its first line), readable by the report "
+        "job only", check_absolute_or_empty,
+    )
+    failure_reports: bool = setting(
+        False,
+        "send RFC 9991 failure reports to the ruf= addresses of policies that ask (fo=): "
+        "the header only, never the body; spooled by the filter, sent by `milters dmarc "
+        "failures` (milters-dmarc-failures.timer)",
+    )
+    failure_spool: str = setting(
+        "/var/lib/milters/dmarc-failures", "directory of failure reports waiting to be sent",
+        check_absolute_or_empty,
+    )
+    failure_redact: bool = setting(
+        True,
+        "in failure reports, replace the local parts of recipient addresses and the "
+        "Subject, and leave out the envelope recipients (RFC 6590)",
+    )
+    failure_max_per_domain: int = setting(
+        5, "failure reports sent per policy domain per run; the rest are dropped",
+        check_range(1, 1000),
+    )

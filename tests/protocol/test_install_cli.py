@@ -99,6 +99,13 @@ def test_install_into_a_prefix_twice(tmp_path: Path) -> None:
     assert f"\nExecStart={exe} run %i\n" in unit
     assert f"\nExecCondition={exe} is-enabled %i\n" in unit
     assert (prefix / "etc/systemd/system/milters.target").exists()
+    report = (prefix / "etc/systemd/system/milters-dmarc-report.service").read_text()
+    assert f"\nExecStart={exe} dmarc report\n" in report
+    assert (prefix / "etc/systemd/system/milters-dmarc-report.timer").exists()
+    failures = (prefix / "etc/systemd/system/milters-dmarc-failures.service").read_text()
+    assert f"\nExecStart={exe} dmarc failures\n" in failures
+    assert (prefix / "etc/systemd/system/milters-dmarc-failures.timer").exists()
+    assert "systemctl enable --now milters-dmarc-report.timer" in first.stdout
 
     # The administrator edits the config; a second install keeps it, changes nothing.
     conf.write_text('[global]\nmode = "report"\n')

@@ -36,6 +36,30 @@ def test_systemd_units_are_what_install_writes() -> None:
     assert (SYSTEMD / "milters@.service").read_text() == install.systemd_unit()
     assert (SYSTEMD / "milters.target").read_text() == install.systemd_target(
         tuple(registry.FILTERS))
+    assert (SYSTEMD / install.REPORT_SERVICE).read_text() == install.report_service()
+    assert (SYSTEMD / install.REPORT_TIMER).read_text() == install.report_timer()
+    assert (SYSTEMD / install.FAILURES_SERVICE).read_text() == install.report_service(
+        failures=True)
+    assert (SYSTEMD / install.FAILURES_TIMER).read_text() == install.report_timer(
+        failures=True)
+
+
+def test_report_timer_runs_the_report_daily() -> None:
+    def settings(text: str) -> dict[str, str]:
+        return dict(line.split("=", 1) for line in text.splitlines()
+                    if "=" in line and not line.startswith("#"))
+
+    service = settings(install.report_service("/opt/milters/bin/milters"))
+    assert service["Type"] == "oneshot" and service["User"] == "milters"
+    assert service["ExecStart"] == "/opt/milters/bin/milters dmarc report"
+    assert service["ExecCondition"] == "/opt/milters/bin/milters is-enabled dmarc"
+    assert service["StateDirectory"] == "milters" and service["ProtectSystem"] == "strict"
+    timer = settings(install.report_timer())
+    assert timer["OnCalendar"] == "*-*-* 00:15:00 UTC" and timer["Persistent"] == "true"
+    assert timer["WantedBy"] == "timers.target"
+    failures = settings(install.report_service("/opt/milters/bin/milters", failures=True))
+    assert failures["ExecStart"] == "/opt/milters/bin/milters dmarc failures"
+    assert settings(install.report_timer(failures=True))["OnCalendar"] == "*:0/5"
 
 
 def test_unit_has_the_hardening_a_mail_filter_should_have() -> None:
@@ -70,7 +94,13 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     exe = shutil.which("true") or "/bin/true"
     (tmp_path / "milters@.service").write_text(install.systemd_unit(exe))
     (tmp_path / "milters.target").write_text(install.systemd_target(tuple(registry.FILTERS)))
+    (tmp_path / install.REPORT_SERVICE).write_text(install.report_service(exe))
+    (tmp_path / install.REPORT_TIMER).write_text(install.report_timer())
     units = [str(tmp_path / f"milters@{n}.service") for n in registry.FILTERS]
+    (tmp_path / install.FAILURES_SERVICE).write_text(install.report_service(exe, failures=True))
+    (tmp_path / install.FAILURES_TIMER).write_text(install.report_timer(failures=True))
+    units += [str(tmp_path / n) for n in (install.REPORT_SERVICE, install.REPORT_TIMER,
+                                           install.FAILURES_SERVICE, install.FAILURES_TIMER)]
     out = subprocess.run(["systemd-analyze", "verify", *units, str(tmp_path / "milters.target")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr

@@ -20,6 +20,7 @@ from milters import cli
 from milters.core.resolver import Resolver
 from milters.dmarc.history import HistoryEntry, SqliteHistory
 from milters.dmarc.report import (
+    Relay,
     authorized_destinations,
     build_reports,
     report_message,
@@ -65,7 +66,7 @@ def test_report_grouped_and_schema_valid() -> None:
     counts = sorted(int(r.findtext(f"{NS}row/{NS}count") or 0) for r in rows)
     assert counts == [1, 3]
     assert root.findtext(f"{NS}record/{NS}auth_results/{NS}dkim/{NS}selector") == "sel"
-    assert rep.filename == f"mx.test.example!example.com!{BEGIN}!{END}!{rep.report_id}.xml.gz"
+    assert rep.filename == f"test.example!example.com!{BEGIN}!{END}!{rep.report_id}.xml.gz"
     assert gzip.decompress(rep.gzipped()) == rep.xml
 
 
@@ -111,12 +112,12 @@ def test_send_by_smtp() -> None:
     try:
         (rep,) = build_reports(entries(), BEGIN, END, "mx.test.example", "dmarc@test.example")
         send_report(report_message(rep, "dmarc@test.example", ["rua@example.com"]),
-                    "127.0.0.1", port)
+                    Relay("127.0.0.1", port))
     finally:
         controller.stop()
     ((sender, rcpts, content),) = sink.messages
     assert sender == "dmarc@test.example" and rcpts == ["rua@example.com"]
-    assert b"Report Domain: example.com Submitter: mx.test.example" in content
+    assert b"Report Domain: example.com Submitter: test.example" in content
     assert b"application/gzip" in content
 
 
