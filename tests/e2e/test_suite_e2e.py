@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tests.e2e.suite import (
     ALIGNED_IP,
     AUTHSERV_ID,
     FORGED,
+    HEADER_REJECT,
     OURS,
     OUTSIDE_IP,
     QUARANTINING,
@@ -155,6 +157,57 @@ def test_p_quarantine_without_aligned_pass_is_held(postfix: PostfixInstance,
     assert result.accepted, result
     assert postfix.wait_held(1) == [result.queue_id]
     assert postfix.delivered() == []
+
+
+def _held_header(postfix: PostfixInstance, queue_id: str) -> str:
+    out = subprocess.run(["postcat", "-c", str(postfix.config_dir), "-hq", queue_id],
+                         capture_output=True, text=True, timeout=30, check=True)
+    return out.stdout
+
+
+def test_held_mail_was_scanned_by_every_later_filter(postfix: PostfixInstance,
+                                                     suite: Suite) -> None:
+    """dmarc hands its hold on to the last filter: clamav tagged the held message,
+    and no mark of ours is left in it (issue 10: no unscanned held mail)."""
+    result = postfix.send(f"bounce@{QUARANTINING}", [RCPT], message(QUARANTINING, "held2"),
+                          xclient=OUTSIDE)
+    assert result.accepted, result
+    [qid] = postfix.wait_held(1)
+    header = _held_header(postfix, qid)
+    assert "X-Virus-Status: Clean" in header, header
+    assert "X-Milters-Hold" not in header, header
+    assert "dmarc=fail" in header
+
+
+def test_a_virus_from_a_quarantine_domain_is_rejected_not_held(
+        postfix: PostfixInstance, suite: Suite) -> None:
+    raw = eicar_zip().replace(b"From: sender@sender.example",
+                              f"From: alice@{QUARANTINING}".encode())
+    result = postfix.send(f"bounce@{QUARANTINING}", [RCPT], raw, xclient=OUTSIDE)
+    assert result.data is not None and result.data.code == 550, result
+    assert "virus" in result.data.text
+    assert postfix.queue_ids() == []
+
+
+def test_a_checks_reject_on_a_quarantine_message_rejects(postfix: PostfixInstance,
+                                                         suite: Suite) -> None:
+    result = postfix.send(f"bounce@{QUARANTINING}", [RCPT],
+                          message(QUARANTINING, "win a prize"), xclient=OUTSIDE)
+    assert result.data is not None and result.data.code == 550, result
+    assert result.data.text == HEADER_REJECT
+    assert postfix.queue_ids() == []
+
+
+def test_a_forged_hold_mark_is_removed_and_holds_nothing(postfix: PostfixInstance,
+                                                        suite: Suite) -> None:
+    nopolicy = "nopolicy.example"
+    extra = f"X-Milters-Hold: {AUTHSERV_ID}; dmarc: forged\r\n"
+    result = postfix.send(f"bounce@{nopolicy}", [RCPT], message(nopolicy, "mark", extra),
+                          xclient=OUTSIDE)
+    assert result.accepted, result
+    [msg] = postfix.wait_delivered(1)
+    assert msg.get_all("X-Milters-Hold") in (None, [])
+    assert postfix.hold_queue() == []
 
 
 def test_aligned_mail_passes_with_one_coherent_set_of_results(
