@@ -21,9 +21,11 @@ from __future__ import annotations
 import re
 import re._constants as sre  # type: ignore[import-not-found]
 import re._parser as sre_parse  # type: ignore[import-not-found]
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import regex as rx
 
 # Constructs that look past the end of a line: with them, "matches a line" no
 # longer implies "matches the lines joined by \n".
@@ -34,13 +36,28 @@ _ABSOLUTE_ANCHOR = re.compile(r"(?<!\\)((?:\\\\)*)\\([AZ])")
 # Characters that re.IGNORECASE treats as ASCII letters but str.lower() keeps.
 _FOLD_EXTRA = str.maketrans({"ı": "i", "ſ": "s"})
 
+# regex's flags that `re`'s parser knows, as re spells them (ASCII has another
+# value; regex adds its own, such as VERSION0).
+_RE_FLAGS = {rx.IGNORECASE: re.IGNORECASE, rx.MULTILINE: re.MULTILINE, rx.DOTALL: re.DOTALL,
+             rx.ASCII: re.ASCII, rx.VERBOSE: re.VERBOSE, rx.UNICODE: re.UNICODE}
+
 # Fewer subjects than this: just try the rules on each.
 MIN_SUBJECTS = 8
 # A required literal shorter than this is too common to rule anything out.
 MIN_NEEDLE = 3
 
 
-def screen_regex(regex: re.Pattern[str], negated: bool, anchored: bool) -> re.Pattern[str] | None:
+class ScreenTimeout(Exception):
+    """A screening search ran over the message's match budget."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index  # of the pattern in the Screener
+        super().__init__(f"screening pattern {index} ran over its time")
+
+
+def screen_regex(
+    regex: rx.Pattern[str], negated: bool, anchored: bool
+) -> rx.Pattern[str] | None:
     """The joined-text form of a rule's pattern, or None if it cannot be screened.
 
     DOTALL is dropped (regexp: tables have it on by default): the joined subjects
@@ -51,7 +68,7 @@ def screen_regex(regex: re.Pattern[str], negated: bool, anchored: bool) -> re.Pa
         return None
     pattern = _ABSOLUTE_ANCHOR.sub(lambda m: m.group(1) + ("^" if m.group(2) == "A" else "$"),
                                    regex.pattern)
-    return re.compile(pattern, (regex.flags | re.MULTILINE) & ~re.DOTALL)
+    return rx.compile(pattern, (regex.flags | rx.MULTILINE) & ~rx.DOTALL)
 
 
 def fold(text: str) -> str:
@@ -74,11 +91,13 @@ class Needles:
         return any(n in haystack for n in self.any_of)
 
 
-def needles(regex: re.Pattern[str]) -> Needles | None:
+def needles(regex: rx.Pattern[str]) -> Needles | None:
     """The literals one of which every match of `regex` contains, if it has such."""
     caseless = bool(regex.flags & re.IGNORECASE)
     try:
-        parsed = sre_parse.parse(regex.pattern, regex.flags)
+        # The pattern is re syntax (patterns.py writes it), so re's parser reads it.
+        flags = sum(int(ours) for theirs, ours in _RE_FLAGS.items() if regex.flags & theirs)
+        parsed = sre_parse.parse(regex.pattern, flags)
     except (re.error, RecursionError):
         return None
     factor = _factor(list(parsed))
@@ -130,12 +149,17 @@ def _factor(items: list[tuple[Any, Any]]) -> tuple[str, ...] | None:
 class Screener:
     """Built once per table key at load; immutable, so threads can share it."""
 
-    def __init__(self, patterns: Iterable[re.Pattern[str]]) -> None:
+    def __init__(self, patterns: Iterable[rx.Pattern[str]]) -> None:
         self.patterns = tuple(patterns)
         self.needles = tuple(needles(p) for p in self.patterns)
 
-    def possible(self, subjects: Sequence[str]) -> frozenset[int] | None:
-        """Indexes of the patterns that may match one of `subjects`; None: try them all."""
+    def possible(
+        self, subjects: Sequence[str], time_left: Callable[[], float | None] = lambda: None
+    ) -> frozenset[int] | None:
+        """Indexes of the patterns that may match one of `subjects`; None: try them all.
+
+        Each regex search gets `time_left()` seconds; running over raises ScreenTimeout.
+        """
         if len(subjects) < MIN_SUBJECTS or any("\n" in s for s in subjects):
             # Few subjects, or folded headers (where `.` must cross the fold).
             return None
@@ -146,6 +170,10 @@ class Screener:
             if needle is not None:
                 if needle.found_in(joined, folded):
                     found.add(i)
-            elif pattern.search(joined):
-                found.add(i)
+            else:
+                try:
+                    if pattern.search(joined, timeout=time_left()):
+                        found.add(i)
+                except TimeoutError:
+                    raise ScreenTimeout(i) from None
         return frozenset(found)

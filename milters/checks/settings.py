@@ -69,6 +69,14 @@ class ChecksSettings(FilterSettings):
         (), "tables matched against each RCPT TO address, like check_recipient_access",
         check_specs,
     )
+    match_timeout: float = setting(
+        3.0,
+        "seconds of table matching one message may use (all its header and body lines; "
+        "each SMTP stage gets as much again); a rule still running then, such as a "
+        "backtracking /(a+)+$/ on a long line, ends the check: the message gets on_error "
+        "(tempfail by default) and the log names the table file:line; 0: no limit",
+        check_range(0, 3600),
+    )
     decode: bool = setting(
         True,
         "match decoded text: RFC 2047 headers, base64/quoted-printable text parts in "
