@@ -38,8 +38,9 @@ _FOLD_EXTRA = str.maketrans({"ı": "i", "ſ": "s"})
 
 # regex's flags that `re`'s parser knows, as re spells them (ASCII has another
 # value; regex adds its own, such as VERSION0).
-_RE_FLAGS = {rx.IGNORECASE: re.IGNORECASE, rx.MULTILINE: re.MULTILINE, rx.DOTALL: re.DOTALL,
-             rx.ASCII: re.ASCII, rx.VERBOSE: re.VERBOSE, rx.UNICODE: re.UNICODE}
+_RE_FLAGS = ((rx.IGNORECASE, re.IGNORECASE), (rx.MULTILINE, re.MULTILINE),
+             (rx.DOTALL, re.DOTALL), (rx.ASCII, re.ASCII), (rx.VERBOSE, re.VERBOSE),
+             (rx.UNICODE, re.UNICODE))
 
 # Fewer subjects than this: just try the rules on each.
 MIN_SUBJECTS = 8
@@ -96,7 +97,7 @@ def needles(regex: rx.Pattern[str]) -> Needles | None:
     caseless = bool(regex.flags & re.IGNORECASE)
     try:
         # The pattern is re syntax (patterns.py writes it), so re's parser reads it.
-        flags = sum(int(ours) for theirs, ours in _RE_FLAGS.items() if regex.flags & theirs)
+        flags = sum(int(ours) for theirs, ours in _RE_FLAGS if regex.flags & theirs)
         parsed = sre_parse.parse(regex.pattern, flags)
     except (re.error, RecursionError):
         return None

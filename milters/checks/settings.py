@@ -71,10 +71,11 @@ class ChecksSettings(FilterSettings):
     )
     match_timeout: float = setting(
         3.0,
-        "seconds of table matching one message may use (all its header and body lines; "
-        "each SMTP stage gets as much again); a rule still running then, such as a "
-        "backtracking /(a+)+$/ on a long line, ends the check: the message gets on_error "
-        "(tempfail by default) and the log names the table file:line; 0: no limit",
+        "seconds one message may take here: reading its MIME structure and matching "
+        "all its header and body lines (each SMTP stage gets as much again); a rule "
+        "still running then, such as a backtracking /(a+)+$/ on a long line, ends the "
+        "check: the message gets on_error (tempfail by default) and the log names the "
+        "table file:line; 0: no limit",
         check_range(0, 3600),
     )
     decode: bool = setting(
