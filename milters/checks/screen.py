@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import re
 import re._constants as sre  # type: ignore[import-not-found]
-import re._parser as sre_parse  # type: ignore[import-not-found]
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import regex as rx
+
+from milters.checks.cost import parse
 
 # Constructs that look past the end of a line: with them, "matches a line" no
 # longer implies "matches the lines joined by \n".
@@ -36,11 +37,6 @@ _ABSOLUTE_ANCHOR = re.compile(r"(?<!\\)((?:\\\\)*)\\([AZ])")
 # Characters that re.IGNORECASE treats as ASCII letters but str.lower() keeps.
 _FOLD_EXTRA = str.maketrans({"ı": "i", "ſ": "s"})
 
-# regex's flags that `re`'s parser knows, as re spells them (ASCII has another
-# value; regex adds its own, such as VERSION0).
-_RE_FLAGS = ((rx.IGNORECASE, re.IGNORECASE), (rx.MULTILINE, re.MULTILINE),
-             (rx.DOTALL, re.DOTALL), (rx.ASCII, re.ASCII), (rx.VERBOSE, re.VERBOSE),
-             (rx.UNICODE, re.UNICODE))
 
 # Fewer subjects than this: just try the rules on each.
 MIN_SUBJECTS = 8
@@ -96,9 +92,7 @@ def needles(regex: rx.Pattern[str]) -> Needles | None:
     """The literals one of which every match of `regex` contains, if it has such."""
     caseless = bool(regex.flags & re.IGNORECASE)
     try:
-        # The pattern is re syntax (patterns.py writes it), so re's parser reads it.
-        flags = sum(int(ours) for theirs, ours in _RE_FLAGS if regex.flags & theirs)
-        parsed = sre_parse.parse(regex.pattern, flags)
+        parsed = parse(regex)
     except (re.error, RecursionError):
         return None
     factor = _factor(list(parsed))
@@ -161,9 +155,12 @@ class Screener:
 
         Each regex search gets `time_left()` seconds; running over raises ScreenTimeout.
         """
-        if len(subjects) < MIN_SUBJECTS or any("\n" in s for s in subjects):
-            # Few subjects, or folded headers (where `.` must cross the fold).
+        if len(subjects) < MIN_SUBJECTS:
             return None
+        # Folded headers: `.` must cross the fold, so the joined-text regex no longer
+        # stands for the per-line one. The needle test still holds (a needle inside
+        # a subject is inside the joined text), so only rules without needles stay.
+        multiline = any("\n" in s for s in subjects)
         joined = "\n".join(subjects)
         folded = fold(joined) if any(n and n.caseless for n in self.needles) else joined
         found = set()
@@ -171,6 +168,8 @@ class Screener:
             if needle is not None:
                 if needle.found_in(joined, folded):
                     found.add(i)
+            elif multiline:
+                found.add(i)
             else:
                 try:
                     if pattern.search(joined, timeout=time_left()):

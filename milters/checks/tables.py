@@ -21,7 +21,9 @@ with the `regex` module in its re-compatible VERSION0, for two things `re` lacks
 A backtracking pattern such as `/^Subject: (a+)+$/` can run for minutes on a long
 subject (glibc's regexec does not backtrack, PCRE2 stops at its match limit):
 `regex` takes a timeout, so every lookup of one message shares a Budget
-(`match_timeout`) and running over raises MatchOverrun naming the rule's file:line.
+(`match_timeout`) and running over raises MatchOverrun naming the rule's file:line
+(a timeout costs a system call, so searches whose work is bounded go without one:
+cost.py).
 And `regex` releases the GIL while it matches a str, so a long match on one
 connection does not stop libmilter's other threads in the same worker.
 """
@@ -38,6 +40,7 @@ from pathlib import Path
 import regex as rx
 
 from milters.checks.actions import ActionError, Kind, RuleAction, parse_action
+from milters.checks.cost import Prefixes, anchored_prefixes, free_length
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
 from milters.checks.screen import Screener, ScreenTimeout, screen_regex
 from milters.core.errors import ConfigError
@@ -123,10 +126,24 @@ class Pattern:
     # The same pattern with ^ and $ at every line: one search over all the lines
     # of a message tells whether it can match any of them (see screen.py).
     screen: rx.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    # Subjects up to this long are searched without a timeout (see cost.py).
+    free_length: int = field(init=False, repr=False, compare=False)
+    # For a pattern anchored at the start: the literal texts a match starts with.
+    prefixes: Prefixes | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "match", self.regex.match if self.anchored else self.regex.search)
+        object.__setattr__(self, "free_length", free_length(self.regex))
+        object.__setattr__(self, "prefixes", anchored_prefixes(self.regex))
         object.__setattr__(self, "screen", screen_regex(self.regex, self.negated, self.anchored))
+
+    def search(self, subject: str, budget: Budget) -> rx.Match[str] | None:
+        """One lookup: a timeout only where the search could run long (cost.py)."""
+        if self.prefixes is not None and self.prefixes.rule_out(subject):
+            return None
+        if len(subject) <= self.free_length:
+            return self.match(subject)  # bounded work: no timeout to pay for
+        return self.match(subject, timeout=budget.left())
 
 
 @dataclass(frozen=True)
@@ -192,7 +209,7 @@ Possible = frozenset[int] | None
 def _lookup(items: Sequence[Rule | IfBlock], subject: str, budget: Budget) -> Hit | None:
     for item in items:
         try:
-            m = item.pattern.match(subject, timeout=budget.left())
+            m = item.pattern.search(subject, budget)
         except TimeoutError:
             raise MatchOverrun(item.source, budget.seconds or 0.0) from None
         if (m is not None) == item.pattern.negated:
@@ -266,6 +283,9 @@ def _first_hit(
     tables: Iterable[Sequence[Rule | IfBlock]], subject: str, budget: Budget
 ) -> Hit | None:
     """As Postfix's maps_find(): the first table with a matching rule answers."""
+    if budget.left() == 0:
+        # Untimed searches (cost.py) used up the budget: checked once a line.
+        raise MatchOverrun("the tables, line after line,", budget.seconds or 0.0)
     for rules in tables:
         hit = _lookup(rules, subject, budget)
         if hit is not None:

@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from milters.checks import ChecksFilter
+from milters.checks.cost import FREE_STEPS, anchored_prefixes, free_length
 from milters.checks.message import MessageWalker, body_lines, line_cap
 from milters.checks.mime import (
     TextDecoder,
@@ -356,3 +357,50 @@ def test_whole_filter_answers_arbitrary_bytes(every_key: ChecksFilter, raw: byte
     tx.headers = headers
     tx.body.write(body)
     assert f.check(tx).action in (Action.ACCEPT, Action.REJECT)
+
+
+# --- which searches go without a timeout (cost.py) ----------------------------------
+
+
+@pytest.mark.parametrize(("pattern", "timed_always"), [
+    (r"(a+)+$", True), (r"(a|a)+$", True), (r"(\w+\s?)+$", True), (r"(?=a)b", True),
+    (r"(a)\1", True), (r"(\.[a-z]+)+", True),
+    (r"^Subject:.*viagra", False), (r"abc", False), (r"x.*y.*z", False), (r"(foo\s+)?bar", False),
+])
+def test_exponential_shapes_are_always_timed(pattern: str, timed_always: bool) -> None:
+    assert (free_length(regex.compile(pattern, regex.VERSION0)) == 0) is timed_always
+
+
+def test_free_length_shrinks_with_repetitions() -> None:
+    one, two = (free_length(regex.compile(p, regex.VERSION0)) for p in (r"a.*b", r"a.*b.*c"))
+    assert 0 < two < one <= 10**7
+    # n^(k+1) steps stay under FREE_STEPS for every subject searched untimed.
+    assert two ** 3 <= FREE_STEPS
+
+
+PREFIX_PATTERNS = [r"^(To|Cc):", r"^Subject: ", r"\AX-Mailer:\s", r"^Content-(Type|Disposition):",
+                   r"^k", r"^ſ", r"^i"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="ToCcSubjectX-Mailer:ContentypDisposK\u212aſıİi \n", max_size=25),
+       st.booleans(), st.booleans())
+def test_prefix_test_never_rules_out_a_match(subject: str, caseless: bool, ascii_: bool) -> None:
+    """Ruling a subject out before the search never hides a match (Kelvin sign, ſ, İ...)."""
+    flags = regex.VERSION0 | (regex.IGNORECASE if caseless else 0) | (regex.ASCII if ascii_
+                                                                       else 0)
+    for p in PREFIX_PATTERNS:
+        compiled = regex.compile(p, flags)
+        prefixes = anchored_prefixes(compiled)
+        if prefixes is not None and prefixes.rule_out(subject):
+            assert compiled.search(subject) is None, (p, subject)
+
+
+def test_untimed_searches_still_stop_at_the_budget(table: Table, checks: Checks,
+                                                   message: Message) -> None:
+    # Each search is cheap and untimed; 200,000 header fields still run over 0.2 s.
+    f = checks(header_checks=(table("/^X-Never: (a|b)/ REJECT\n/nothing here/ REJECT\n"),),
+               match_timeout=0.2)
+    v = f.check(message(headers=[(f"X-F{i}", b" v") for i in range(200_000)]))
+    assert v.action is Action.TEMPFAIL
+    assert any("ran over match_timeout" in n for n in v.log_notes)
