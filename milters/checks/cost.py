@@ -13,7 +13,10 @@ really run long:
 - Other patterns backtrack at most polynomially: with k repetitions in a row,
   a search tries about n^(k+1) steps on n characters. A subject is searched
   without a timeout while n^(k+1) stays under FREE_STEPS (a few milliseconds
-  of the engine's work); longer subjects get the timeout.
+  of the engine's work); longer subjects get the timeout. Untimed searches keep
+  the GIL (regex would release it at every call, and two busy threads then hand
+  it back and forth: twice the CPU); timed ones release it, so a long search
+  does not stop libmilter's other threads.
 
 The message's budget is still checked between lookups (tables.Budget), so an
 untimed call can overrun it by at most one such bounded search.
@@ -29,8 +32,9 @@ from typing import Any
 
 import regex as rx
 
-# Backtracking steps an untimed search may take in the worst case (~0.1 s).
-FREE_STEPS = 10**7
+# Backtracking steps an untimed search may take in the worst case (~10 ms, with
+# the GIL held: such short searches do not release it).
+FREE_STEPS = 10**6
 
 # regex's flags that `re`'s parser knows, as re spells them (ASCII has another
 # value; regex adds its own, such as VERSION0).

@@ -42,7 +42,7 @@ import regex as rx
 from milters.checks.actions import ActionError, Kind, RuleAction, parse_action
 from milters.checks.cost import Prefixes, anchored_prefixes, free_length
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
-from milters.checks.screen import Screener, ScreenTimeout, screen_regex
+from milters.checks.screen import Needles, Screener, ScreenTimeout, fold, needles, screen_regex
 from milters.core.errors import ConfigError
 
 TABLE_TYPES = ("regexp", "pcre")
@@ -130,19 +130,30 @@ class Pattern:
     free_length: int = field(init=False, repr=False, compare=False)
     # For a pattern anchored at the start: the literal texts a match starts with.
     prefixes: Prefixes | None = field(init=False, repr=False, compare=False)
+    # Literals one of which every match contains (screen.py), tested per line too.
+    needles: Needles | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "match", self.regex.match if self.anchored else self.regex.search)
         object.__setattr__(self, "free_length", free_length(self.regex))
         object.__setattr__(self, "prefixes", anchored_prefixes(self.regex))
+        object.__setattr__(self, "needles", needles(self.regex))
         object.__setattr__(self, "screen", screen_regex(self.regex, self.negated, self.anchored))
 
     def search(self, subject: str, budget: Budget) -> rx.Match[str] | None:
         """One lookup: a timeout only where the search could run long (cost.py)."""
+        # A cheap test first: most header rules are anchored at a field name.
         if self.prefixes is not None and self.prefixes.rule_out(subject):
             return None
         if len(subject) <= self.free_length:
-            return self.match(subject)  # bounded work: no timeout to pay for
+            # Bounded work: no timeout to pay for, and the GIL kept (released for
+            # every short search, two busy threads would hand it back and forth).
+            return self.match(subject, concurrent=False)
+        # A timed search costs a system call (cost.py): first the literals that
+        # every match contains.
+        if self.needles is not None and not self.needles.found_in(
+                subject, fold(subject) if self.needles.caseless else subject):
+            return None
         return self.match(subject, timeout=budget.left())
 
 
