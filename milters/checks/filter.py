@@ -111,14 +111,19 @@ class ChecksFilter(Filter):
 
     def overrun(self, exc: MatchOverrun, key: str) -> Verdict:
         """on_error for a message whose matching ran over match_timeout."""
-        what = f"{key} table {exc.source}" if key else exc.source
+        if not key:
+            what = exc.source  # reading the message
+        elif exc.source:
+            what = f"{key} table {exc.source}"
+        else:
+            what = f"{key} matching, line after line,"
         note = (f"warning: {what} ran over match_timeout "
                 f"({exc.seconds:g} s); message not checked, on_error={self.on_error}")
         if self.on_error == "accept":
-            return Verdict(reason=f"match_timeout at {exc.source}, accepted per on_error",
+            return Verdict(reason=f"match_timeout in {what}, accepted per on_error",
                            log_notes=(note,))
         return Verdict(Action.TEMPFAIL, reply=REPLY_INTERNAL_ERROR,
-                       reason=f"match_timeout at {exc.source}", log_notes=(note,))
+                       reason=f"match_timeout in {what}", log_notes=(note,))
 
     def _load(self, s: ChecksSettings) -> _Tables:
         problems: list[str] = []

@@ -83,7 +83,8 @@ class MatchOverrun(Exception):
     """Matching one message ran over its match_timeout."""
 
     def __init__(self, source: str, seconds: float) -> None:
-        self.source = source  # the rule's file:line
+        # The rule's file:line; "" when many short searches used the budget up.
+        self.source = source
         self.seconds = seconds
         super().__init__(f"{source}: matching ran over match_timeout ({seconds:g} s)")
 
@@ -296,7 +297,7 @@ def _first_hit(
     """As Postfix's maps_find(): the first table with a matching rule answers."""
     if budget.left() == 0:
         # Untimed searches (cost.py) used up the budget: checked once a line.
-        raise MatchOverrun("the tables, line after line,", budget.seconds or 0.0)
+        raise MatchOverrun("", budget.seconds or 0.0)
     for rules in tables:
         hit = _lookup(rules, subject, budget)
         if hit is not None:
