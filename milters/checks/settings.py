@@ -75,7 +75,8 @@ class ChecksSettings(FilterSettings):
         "all its header and body lines (each SMTP stage gets as much again); a rule "
         "still running then, such as a backtracking /(a+)+$/ on a long line, ends the "
         "check: the message gets on_error (tempfail by default) and the log names the "
-        "table file:line; 0: no limit",
+        "table file:line (a running search is timed by the worker's CPU clock, so a "
+        "machine short of CPU stretches it); 0: no limit",
         check_range(0, 3600),
     )
     decode: bool = setting(

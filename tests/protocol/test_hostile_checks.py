@@ -21,7 +21,7 @@ from milters import client
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-MATCH_TIMEOUT = 3.0
+MATCH_TIMEOUT = 1.5
 
 HEADER_CHECKS = """\
 /^Subject: (a+)+$/      REJECT 5.7.1 nested quantifier
@@ -78,13 +78,15 @@ def test_hostile_subject_gets_on_error_and_a_normal_message_is_not_starved(
 
     thread = threading.Thread(target=run_hostile)
     thread.start()
-    time.sleep(0.5)  # let the hostile message reach its matching
+    time.sleep(0.3)  # let the hostile message reach its matching
     normal, normal_took = timed(spec, "Subject: reject me\r\n")
     normal_done = time.monotonic()
     thread.join(30)
     assert not thread.is_alive()
 
-    # The hostile message: on_error (tempfail), within the budget plus a margin.
+    # The hostile message: on_error (tempfail), within the budget plus a margin. (A
+    # running search is timed by the worker's CPU clock, so on a machine short of
+    # CPU the wall time stretches: 1.5 s keeps a wide margin under 5 s.)
     result = hostile["result"]
     assert isinstance(result, client.ProbeResult)
     assert result.verdict == "tempfail", result.smtp_reply
