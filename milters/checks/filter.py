@@ -9,6 +9,13 @@ each header and body line is matched on its own, in message order, after the SMT
 stage tables. REJECT, DEFER, NNN and DISCARD end checking and decide; REDIRECT ends
 checking but the message is accepted (redirected, earlier BCCs dropped); PASS ends
 checking; HOLD, BCC, WARN, INFO and the line edits go on.
+
+Time: all matching for one message shares a Budget of `match_timeout` seconds
+(tables.py). A rule that runs over it ends the check with on_error and a log line
+naming the rule's file:line. We do not treat it as "not matching" (PCRE's answer
+to its match limit): a hostile line placed before the spam would then switch
+every later rule off for the message. Postfix itself defers a message whose table
+lookup fails; on_error = tempfail does the same.
 """
 
 from __future__ import annotations
@@ -46,12 +53,12 @@ from milters.checks.stages import (
     sender_subject,
     stage_reply,
 )
-from milters.checks.tables import Hit, Maps, TextMode, load_maps
+from milters.checks.tables import Budget, Hit, Maps, MatchOverrun, TextMode, load_maps
 from milters.core.config import FilterSettings
 from milters.core.errors import ConfigError
 from milters.core.filter import Env, Filter, Stage
 from milters.core.model import Connection, Transaction, unbracket
-from milters.core.verdict import Action, EditKind, HeaderEdit, Verdict
+from milters.core.verdict import REPLY_INTERNAL_ERROR, Action, EditKind, HeaderEdit, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +116,27 @@ class ChecksFilter(Filter):
         self._warnings = self._collect_warnings()
         for line in self._warnings:
             log.warning("checks: %s", line)
+        self.on_error = settings.on_error or env.global_.on_error
+
+    def budget(self) -> Budget:
+        """A fresh matching budget: one per message, one per SMTP stage."""
+        return Budget(self.checks.match_timeout or None)
+
+    def overrun(self, exc: MatchOverrun, key: str) -> Verdict:
+        """on_error for a message whose matching ran over match_timeout."""
+        if not key:
+            what = exc.source  # reading the message
+        elif exc.source:
+            what = f"{key} table {exc.source}"
+        else:
+            what = f"{key} matching, line after line,"
+        note = (f"warning: {what} ran over match_timeout "
+                f"({exc.seconds:g} s); message not checked, on_error={self.on_error}")
+        if self.on_error == "accept":
+            return Verdict(reason=f"match_timeout in {what}, accepted per on_error",
+                           log_notes=(note,))
+        return Verdict(Action.TEMPFAIL, reply=REPLY_INTERNAL_ERROR,
+                       reason=f"match_timeout in {what}", log_notes=(note,))
 
     def _load(self, s: ChecksSettings) -> _Tables:
         problems: list[str] = []
@@ -229,7 +257,10 @@ class ChecksFilter(Filter):
         maps = self.tables.stage[stage]
         if not maps:
             return None
-        found = lookup_stage(stage, maps, subjects, name, self.mode)
+        try:
+            found = lookup_stage(stage, maps, subjects, name, self.mode, self.budget())
+        except MatchOverrun as exc:
+            return self.overrun(exc, stage.key)
         hit = found.refusal
         if hit is None:
             return None  # HOLD, DISCARD, REDIRECT... take effect in check()
@@ -242,9 +273,12 @@ class ChecksFilter(Filter):
 
     def check(self, tx: Transaction) -> Verdict:
         decision = _Decision(self, tx)
-        decision.run_stages()
-        if not decision.stopped:
-            decision.run_content()
+        try:
+            decision.run_stages()
+            if not decision.stopped:
+                decision.run_content()
+        except MatchOverrun as exc:
+            return self.overrun(exc, decision.key)
         return decision.verdict()
 
 
@@ -267,6 +301,8 @@ class _Decision:
         self.notes: list[str] = []
         self.reasons: list[str] = []
         self.walker: MessageWalker | None = None
+        self.budget = filt.budget()
+        self.key = ""  # the table key being matched, for the overrun log
 
     # --- stage tables, re-run at end of message for their effects -------------
 
@@ -276,20 +312,24 @@ class _Decision:
         lookups: list[StageLookup] = []
         subjects, reply_name = client_subjects(conn)
         if subjects and t[SmtpStage.CLIENT]:
+            self.key = SmtpStage.CLIENT.key
             lookups.append(lookup_stage(SmtpStage.CLIENT, t[SmtpStage.CLIENT], subjects,
-                                        reply_name, self.mode))
+                                        reply_name, self.mode, self.budget))
         if conn.helo and t[SmtpStage.HELO]:
+            self.key = SmtpStage.HELO.key
             lookups.append(lookup_stage(SmtpStage.HELO, t[SmtpStage.HELO], [conn.helo],
-                                        conn.helo, self.mode))
+                                        conn.helo, self.mode, self.budget))
         if t[SmtpStage.SENDER]:
+            self.key = SmtpStage.SENDER.key
             lookups.append(lookup_stage(SmtpStage.SENDER, t[SmtpStage.SENDER],
                                         [sender_subject(self.tx.mail_from)], self.tx.mail_from,
-                                        self.mode))
+                                        self.mode, self.budget))
         if t[SmtpStage.RECIPIENT]:
+            self.key = SmtpStage.RECIPIENT.key
             for rcpt in self.tx.rcpt_to:
                 r = unbracket(rcpt)
                 lookups.append(lookup_stage(SmtpStage.RECIPIENT, t[SmtpStage.RECIPIENT], [r],
-                                            r, self.mode))
+                                            r, self.mode, self.budget))
         for found in lookups:
             for hit in found.hits:
                 self._stage_hit(found, hit)
@@ -329,19 +369,22 @@ class _Decision:
 
     def run_content(self) -> None:
         f = self.filt
+        self.key = ""  # walking the message
         walker = MessageWalker(self.tx, self.mode, f.checks.decode,
-                               f.checks.body_checks_size_limit)
+                               f.checks.body_checks_size_limit, self.budget)
         self.walker = walker
         by_where = f.tables.by_where
         # All subjects first (each part is cut at body_checks_size_limit, so this
         # is bounded), then one screening pass per table key (Maps.screen).
         items = [item for item in walker.items() if by_where[item.where]]
-        pruned = {
-            where: by_where[where].for_message([i.text for i in items if i.where is where])
-            for where in {i.where for i in items}
-        }
+        pruned = {}
+        for where in {i.where for i in items}:
+            self.key = where.value
+            pruned[where] = by_where[where].for_message(
+                [i.text for i in items if i.where is where], self.budget)
         for item in items:
-            hit = pruned[item.where].lookup(item.text)
+            self.key = item.where.value
+            hit = pruned[item.where].lookup(item.text, self.budget)
             if hit is None or hit.kind in (Kind.DUNNO, Kind.OK):
                 continue
             self._content_hit(item, hit)

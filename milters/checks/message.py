@@ -32,7 +32,7 @@ from milters.checks.mime import (
     lookup_charset,
     parse_content_type,
 )
-from milters.checks.tables import TextMode
+from milters.checks.tables import UNLIMITED, Budget, MatchOverrun, TextMode
 from milters.core.model import Body, Transaction
 
 LINE_PIECE = 2048  # Postfix line_length_limit: longer lines are matched in pieces
@@ -128,18 +128,55 @@ class _Fields:
             self.disposition = value
 
 
-def body_lines(body: Body) -> Iterator[bytes]:
-    """The body's lines, each with its line end (the last one may lack it)."""
-    rest = b""
+def body_lines(body: Body, cap: int | None = None) -> Iterator[bytes]:
+    """The body's lines, each with its line end (the last one may lack it).
+
+    Linear in the body size: a line that spans many chunks is joined once, not
+    copied again at every chunk. With `cap`, a longer line keeps only its first
+    `cap` bytes and its line end, so a 50 MB one-line body never sits in memory
+    whole; the walker sets a cap past everything it could match (see line_cap()).
+    """
+    pending: list[bytes] = []  # the start of a line that spans chunks
+    kept = 0  # bytes in pending
+    over = False  # bytes of this line were dropped (past the cap)
+    cr = False  # the last byte of the previous chunk was "\r"
     for chunk in body.chunks():
-        data = rest + chunk
         start = 0
-        while (nl := data.find(b"\n", start)) >= 0:
-            yield data[start:nl + 1]
+        while (nl := chunk.find(b"\n", start)) >= 0:
+            if cap is None or (not over and kept + nl - start <= cap):
+                pending.append(chunk[start:nl + 1])
+                line = pending[0] if len(pending) == 1 else b"".join(pending)
+            else:
+                # Capped: the kept bytes (without a dangling "\r"), then the line end.
+                pending.append(chunk[start:start + cap - kept])
+                crlf = chunk[nl - 1:nl] == b"\r" if nl > start else cr
+                line = b"".join(pending).rstrip(b"\r") + (b"\r\n" if crlf else b"\n")
+            yield line
+            pending, kept, over = [], 0, False
             start = nl + 1
-        rest = data[start:]
-    if rest:
-        yield rest
+        if start < len(chunk):
+            rest = len(chunk) - start
+            room = rest if cap is None else min(cap - kept, rest)
+            if room:
+                pending.append(chunk[start:start + room])
+                kept += room
+            over = over or room < rest
+            cr = chunk.endswith(b"\r")
+    if pending:
+        yield b"".join(pending)
+
+
+def line_cap(size_limit: int) -> int | None:
+    """How much of one body line the walker can ever need (None: all of it).
+
+    Matching sees at most body_checks_size_limit characters of a part, and a part
+    header at most header_size_limit bytes. A decoded character can take several
+    raw bytes (base64 4:3, then UTF-32 4 bytes a character): 8 bytes a character
+    is more than enough.
+    """
+    if not size_limit:
+        return None
+    return max(HEADER_LIMIT, 8 * size_limit) + LINE_PIECE
 
 
 def printable(text: str, limit: int = 200) -> str:
@@ -152,8 +189,10 @@ def printable(text: str, limit: int = 200) -> str:
 class MessageWalker:
     """Yields Items in message order. Holds per-message state: make one per check."""
 
-    def __init__(self, tx: Transaction, mode: TextMode, decode: bool, size_limit: int) -> None:
+    def __init__(self, tx: Transaction, mode: TextMode, decode: bool, size_limit: int,
+                 budget: Budget = UNLIMITED) -> None:
         self.tx = tx
+        self.budget = budget
         self.mode = mode
         self.decode = decode
         self.size_limit = size_limit
@@ -179,7 +218,10 @@ class MessageWalker:
     def items(self) -> Iterator[Item]:
         yield from self._top_headers()
         index = -1
-        for index, line in enumerate(body_lines(self.tx.body)):
+        for index, line in enumerate(body_lines(self.tx.body, line_cap(self.size_limit))):
+            if not index & 0xFFF and self.budget.left() == 0:
+                # Millions of short lines cost Python seconds before any rule runs.
+                raise MatchOverrun(f"reading the body (line {index})", self.budget.seconds or 0)
             if index == 0:
                 self.crlf = line.endswith(b"\r\n")
             yield from self._line(index, line)
@@ -211,7 +253,8 @@ class MessageWalker:
 
     @staticmethod
     def _param_text(value: bytes) -> str:
-        return value.decode("utf-8", "surrogateescape").replace("\n", "")
+        # header_size_limit bounds what the parameter parser reads, as for matching.
+        return value[:HEADER_LIMIT].decode("utf-8", "surrogateescape").replace("\n", "")
 
     def _header_line(self, index: int, content: bytes) -> Iterator[Item]:
         if content[:1] in (b" ", b"\t") and self._field:
@@ -281,7 +324,7 @@ class MessageWalker:
                 # with undecodable bytes kept as they are (surrogate escapes).
                 self.notes.append(f"unknown charset {label!r} in a text part; "
                                   "matched as UTF-8/raw bytes")
-            self._decoder = TextDecoder(cte, codec)
+            self._decoder = TextDecoder(cte, codec, keep=self.size_limit or None)
             self._part = len(self.parts)
             self._dline = 0
             self._doffset = 0
@@ -321,6 +364,8 @@ class MessageWalker:
         if self._decoder is not None and not raw_only:
             if self.size_limit and self._doffset >= self.size_limit:
                 return  # past body_checks_size_limit: nothing more to match here
+            if self._decoder.full:
+                return  # the open decoded line is already past the size limit
             for text in self._decoder.feed(line):
                 yield from self._decoded(text)
             return

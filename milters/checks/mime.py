@@ -186,7 +186,9 @@ def collapse_params(pairs: list[tuple[str, str]]) -> dict[str, str]:
     plain: dict[str, str] = {}
     sections: dict[str, list[tuple[int, bool, str]]] = {}
     for name, val in pairs:
-        m = re.fullmatch(r"([^*]+)\*(?:(\d+)(\*)?)?", name)
+        # A section number of more than 4 digits is no real continuation (and int()
+        # refuses over 4300 digits): such a name is kept as a plain parameter.
+        m = re.fullmatch(r"([^*]+)\*(?:(\d{1,4})(\*)?)?", name)
         if not m:
             plain.setdefault(name, val)
             continue
@@ -246,21 +248,37 @@ class TextDecoder:
 
     Streaming: base64 is decoded in whole 4-character groups, quoted-printable soft
     line breaks (RFC 2045 §6.7 rule 5) are joined, the charset decoder is
-    incremental (ISO-2022-JP keeps shift state across lines).
+    incremental (ISO-2022-JP keeps shift state across lines). Linear in the input:
+    pending pieces are kept in lists and joined once. With `keep`, a decoded line
+    keeps only its first `keep` + LINE_PIECE characters (the walker matches no
+    more than body_checks_size_limit of a part), so memory stays bounded.
     """
 
-    def __init__(self, cte: str, codec: str | None) -> None:
+    # Soft-broken quoted-printable lines are joined up to this size, then decoded
+    # early; an =XX escape never spans a soft line break (RFC 2045 §6.7), so the
+    # result is the same.
+    QP_JOIN = 65536
+
+    def __init__(self, cte: str, codec: str | None, keep: int | None = None) -> None:
         self.cte = cte
         self.codec = codec
+        self.keep = None if keep is None else keep + 2048
         name = codec or "utf-8"
         errors = "surrogateescape" if codec in (None, "utf-8", "ascii") else "replace"
         if name == "ascii":
             name = "utf-8"
         self._decoder = codecs.getincrementaldecoder(name)(errors)
         self._b64 = b""
-        self._qp = b""
-        self._text = ""
+        self._qp: list[bytes] = []
+        self._qp_size = 0
+        self._text: list[str] = []  # the decoded line still open
+        self._text_size = 0
         self.ended_with_newline = True
+
+    @property
+    def full(self) -> bool:
+        """The open line holds `keep` characters: nothing fed from now on can be seen."""
+        return self.keep is not None and self._text_size >= self.keep
 
     def feed(self, raw_line: bytes) -> list[str]:
         return self._lines(self._transfer(raw_line), final=False)
@@ -271,16 +289,18 @@ class TextDecoder:
         if self.cte == "base64" and self._b64:
             data = _b64(self._b64 + b"=" * (-len(self._b64) % 4))
         elif self.cte == "quoted-printable" and self._qp:
-            data = binascii.a2b_qp(self._qp)
+            data = binascii.a2b_qp(b"".join(self._qp))
+            self._qp, self._qp_size = [], 0
         lines = self._lines(data, final=True)
         self.ended_with_newline = not self._text
         if self._text:
-            lines.append(self._text)
-            self._text = ""
+            lines.append("".join(self._text))
+            self._text, self._text_size = [], 0
         return lines
 
     def _transfer(self, raw_line: bytes) -> bytes:
         if self.cte == "base64":
+            # The residue kept between lines is under 4 bytes: += stays linear.
             self._b64 += re.sub(rb"[^A-Za-z0-9+/]", b"", raw_line)
             cut = len(self._b64) - len(self._b64) % 4
             chunk, self._b64 = self._b64[:cut], self._b64[cut:]
@@ -288,22 +308,45 @@ class TextDecoder:
         if self.cte == "quoted-printable":
             line = raw_line.rstrip(b"\r\n").rstrip(b" \t")
             if line.endswith(b"="):
-                self._qp += line[:-1]
-                return b""
-            data = binascii.a2b_qp(self._qp + line) + b"\n"
-            self._qp = b""
+                self._qp.append(line[:-1])
+                self._qp_size += len(line) - 1
+                if self._qp_size < self.QP_JOIN:
+                    return b""
+                data = binascii.a2b_qp(b"".join(self._qp))
+                self._qp, self._qp_size = [], 0
+                return data
+            self._qp.append(line)
+            data = binascii.a2b_qp(b"".join(self._qp)) + b"\n"
+            self._qp, self._qp_size = [], 0
             return data
         return raw_line.replace(b"\r\n", b"\n")
 
     def _lines(self, data: bytes, final: bool) -> list[str]:
         try:
-            self._text += self._decoder.decode(data, final)
+            text = self._decoder.decode(data, final)
         except UnicodeError:  # a codec that fails even with errors="replace"
-            self._text += data.decode("utf-8", "surrogateescape")
-        if "\n" not in self._text:
+            text = data.decode("utf-8", "surrogateescape")
+        if "\n" not in text:
+            self._hold(text)
             return []
-        *lines, self._text = self._text.split("\n")
+        first, *lines, rest = text.split("\n")
+        self._hold(first)
+        lines.insert(0, "".join(self._text))
+        self._text, self._text_size = [], 0
+        self._hold(rest)
         return [line[:-1] if line.endswith("\r") else line for line in lines]
+
+    def _hold(self, text: str) -> None:
+        """Add to the open line, past `keep` characters only its length matters."""
+        if not text:
+            return
+        if self.keep is not None:
+            room = self.keep - self._text_size
+            if room <= 0:
+                return
+            text = text[:room]
+        self._text.append(text)
+        self._text_size += len(text)
 
 
 def _b64(data: bytes) -> bytes:

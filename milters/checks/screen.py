@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import re
 import re._constants as sre  # type: ignore[import-not-found]
-import re._parser as sre_parse  # type: ignore[import-not-found]
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import regex as rx
+
+from milters.checks.cost import parse
 
 # Constructs that look past the end of a line: with them, "matches a line" no
 # longer implies "matches the lines joined by \n".
@@ -34,13 +37,24 @@ _ABSOLUTE_ANCHOR = re.compile(r"(?<!\\)((?:\\\\)*)\\([AZ])")
 # Characters that re.IGNORECASE treats as ASCII letters but str.lower() keeps.
 _FOLD_EXTRA = str.maketrans({"ı": "i", "ſ": "s"})
 
+
 # Fewer subjects than this: just try the rules on each.
 MIN_SUBJECTS = 8
 # A required literal shorter than this is too common to rule anything out.
 MIN_NEEDLE = 3
 
 
-def screen_regex(regex: re.Pattern[str], negated: bool, anchored: bool) -> re.Pattern[str] | None:
+class ScreenTimeout(Exception):
+    """A screening search ran over the message's match budget."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index  # of the pattern in the Screener
+        super().__init__(f"screening pattern {index} ran over its time")
+
+
+def screen_regex(
+    regex: rx.Pattern[str], negated: bool, anchored: bool
+) -> rx.Pattern[str] | None:
     """The joined-text form of a rule's pattern, or None if it cannot be screened.
 
     DOTALL is dropped (regexp: tables have it on by default): the joined subjects
@@ -51,7 +65,7 @@ def screen_regex(regex: re.Pattern[str], negated: bool, anchored: bool) -> re.Pa
         return None
     pattern = _ABSOLUTE_ANCHOR.sub(lambda m: m.group(1) + ("^" if m.group(2) == "A" else "$"),
                                    regex.pattern)
-    return re.compile(pattern, (regex.flags | re.MULTILINE) & ~re.DOTALL)
+    return rx.compile(pattern, (regex.flags | rx.MULTILINE) & ~rx.DOTALL)
 
 
 def fold(text: str) -> str:
@@ -74,11 +88,11 @@ class Needles:
         return any(n in haystack for n in self.any_of)
 
 
-def needles(regex: re.Pattern[str]) -> Needles | None:
+def needles(regex: rx.Pattern[str]) -> Needles | None:
     """The literals one of which every match of `regex` contains, if it has such."""
     caseless = bool(regex.flags & re.IGNORECASE)
     try:
-        parsed = sre_parse.parse(regex.pattern, regex.flags)
+        parsed = parse(regex)
     except (re.error, RecursionError):
         return None
     factor = _factor(list(parsed))
@@ -130,15 +144,23 @@ def _factor(items: list[tuple[Any, Any]]) -> tuple[str, ...] | None:
 class Screener:
     """Built once per table key at load; immutable, so threads can share it."""
 
-    def __init__(self, patterns: Iterable[re.Pattern[str]]) -> None:
+    def __init__(self, patterns: Iterable[rx.Pattern[str]]) -> None:
         self.patterns = tuple(patterns)
         self.needles = tuple(needles(p) for p in self.patterns)
 
-    def possible(self, subjects: Sequence[str]) -> frozenset[int] | None:
-        """Indexes of the patterns that may match one of `subjects`; None: try them all."""
-        if len(subjects) < MIN_SUBJECTS or any("\n" in s for s in subjects):
-            # Few subjects, or folded headers (where `.` must cross the fold).
+    def possible(
+        self, subjects: Sequence[str], time_left: Callable[[], float | None] = lambda: None
+    ) -> frozenset[int] | None:
+        """Indexes of the patterns that may match one of `subjects`; None: try them all.
+
+        Each regex search gets `time_left()` seconds; running over raises ScreenTimeout.
+        """
+        if len(subjects) < MIN_SUBJECTS:
             return None
+        # Folded headers: `.` must cross the fold, so the joined-text regex no longer
+        # stands for the per-line one. The needle test still holds (a needle inside
+        # a subject is inside the joined text), so only rules without needles stay.
+        multiline = any("\n" in s for s in subjects)
         joined = "\n".join(subjects)
         folded = fold(joined) if any(n and n.caseless for n in self.needles) else joined
         found = set()
@@ -146,6 +168,12 @@ class Screener:
             if needle is not None:
                 if needle.found_in(joined, folded):
                     found.add(i)
-            elif pattern.search(joined):
+            elif multiline:
                 found.add(i)
+            else:
+                try:
+                    if pattern.search(joined, timeout=time_left()):
+                        found.add(i)
+                except TimeoutError:
+                    raise ScreenTimeout(i) from None
         return frozenset(found)

@@ -75,6 +75,16 @@ class ChecksSettings(FilterSettings):
         "'4NN/5NN text' refuse the message; false (as Postfix 3.7): they are logged as "
         "'unknown command' and the message goes on",
     )
+    match_timeout: float = setting(
+        3.0,
+        "seconds one message may take here: reading its MIME structure and matching "
+        "all its header and body lines (each SMTP stage gets as much again); a rule "
+        "still running then, such as a backtracking /(a+)+$/ on a long line, ends the "
+        "check: the message gets on_error (tempfail by default) and the log names the "
+        "table file:line (a running search is timed by the worker's CPU clock, so a "
+        "machine short of CPU stretches it); 0: no limit",
+        check_range(0, 3600),
+    )
     decode: bool = setting(
         True,
         "match decoded text: RFC 2047 headers, base64/quoted-printable text parts in "

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from milters.checks.actions import Kind, split_dsn
-from milters.checks.tables import Hit, Maps, TextMode
+from milters.checks.tables import UNLIMITED, Budget, Hit, Maps, TextMode
 from milters.core.model import Connection
 from milters.core.verdict import Reply
 
@@ -62,14 +62,15 @@ class StageLookup:
 
 
 def lookup_stage(
-    stage: SmtpStage, maps: Maps, subjects: Sequence[str], reply_name: str, mode: TextMode
+    stage: SmtpStage, maps: Maps, subjects: Sequence[str], reply_name: str, mode: TextMode,
+    budget: Budget = UNLIMITED,
 ) -> StageLookup:
     """Run the tables of one stage key over the subjects (name, then address)."""
     hits: list[Hit] = []
     for table in maps.tables:
         hit = None
         for subject in subjects:
-            hit = table.lookup(mode.from_str(subject))
+            hit = table.lookup(mode.from_str(subject), budget)
             if hit is not None:
                 break
         if hit is None or hit.kind is Kind.DUNNO:

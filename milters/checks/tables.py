@@ -21,15 +21,29 @@ Text: with `decode = false` patterns and subjects are both read byte for byte
 (Latin-1 code points standing for bytes, ASCII-only case folding and `\\w`), which is
 exactly how Postfix matches. With decoding on, the table file is read as UTF-8 and
 subjects are Unicode text, so a rule written in Japanese matches decoded mail.
+
+Engine: patterns are translated to Python's `re` syntax (patterns.py) and compiled
+with the `regex` module in its re-compatible VERSION0, for two things `re` lacks.
+A backtracking pattern such as `/^Subject: (a+)+$/` can run for minutes on a long
+subject (glibc's regexec does not backtrack, PCRE2 stops at its match limit):
+`regex` takes a timeout, so every lookup of one message shares a Budget
+(`match_timeout`) and running over raises MatchOverrun naming the rule's file:line
+(a timeout costs a system call, so searches whose work is bounded go without one:
+cost.py).
+And `regex` releases the GIL while it matches a str, so a long match on one
+connection does not stop libmilter's other threads in the same worker.
 """
 
 from __future__ import annotations
 
 import enum
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import regex as rx
 
 from milters.checks.actions import (
     ActionError,
@@ -39,8 +53,9 @@ from milters.checks.actions import (
     SkipRule,
     parse_action,
 )
+from milters.checks.cost import Prefixes, anchored_prefixes, free_length
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
-from milters.checks.screen import Screener, screen_regex
+from milters.checks.screen import Needles, Screener, ScreenTimeout, fold, needles, screen_regex
 from milters.core.errors import ConfigError
 
 TABLE_TYPES = ("regexp", "pcre")
@@ -77,22 +92,87 @@ class TextMode(enum.Enum):
         return text.encode("utf-8", "surrogateescape")
 
 
+class MatchOverrun(Exception):
+    """Matching one message ran over its match_timeout."""
+
+    def __init__(self, source: str, seconds: float) -> None:
+        # The rule's file:line; "" when many short searches used the budget up.
+        self.source = source
+        self.seconds = seconds
+        super().__init__(f"{source}: matching ran over match_timeout ({seconds:g} s)")
+
+
+class Budget:
+    """The matching time one message (or one SMTP stage) may spend, in all its lookups.
+
+    Made per message, so it is never shared between threads. seconds=None: no limit.
+    """
+
+    __slots__ = ("_deadline", "seconds")
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._deadline = None if seconds is None else time.monotonic() + seconds
+
+    def spent(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def left(self) -> float | None:
+        """Seconds left for the next match (0 when spent: regex then times out at once)."""
+        if self._deadline is None:
+            return None
+        return max(self._deadline - time.monotonic(), 0.0)
+
+
+UNLIMITED = Budget(None)  # immutable: no deadline to move
+
+
+Matcher = Callable[..., "rx.Match[str] | None"]
+
+
 @dataclass(frozen=True)
 class Pattern:
     """A compiled table pattern, negated or not, anchored (PCRE `A`) or not."""
 
-    regex: re.Pattern[str]
+    regex: rx.Pattern[str]
     negated: bool = False
     anchored: bool = False
-    # The bound search (or match, for PCRE's A flag): one lookup per line per rule.
-    match: Callable[[str], re.Match[str] | None] = field(init=False, repr=False, compare=False)
+    # The bound search (or match, for PCRE's A flag): one lookup per line per rule;
+    # called with timeout= (seconds or None).
+    match: Matcher = field(init=False, repr=False, compare=False)
     # The same pattern with ^ and $ at every line: one search over all the lines
     # of a message tells whether it can match any of them (see screen.py).
-    screen: re.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    screen: rx.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    # Subjects up to this long are searched without a timeout (see cost.py).
+    free_length: int = field(init=False, repr=False, compare=False)
+    # For a pattern anchored at the start: the literal texts a match starts with.
+    prefixes: Prefixes | None = field(init=False, repr=False, compare=False)
+    # Literals one of which every match contains (screen.py), tested per line too.
+    needles: Needles | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "match", self.regex.match if self.anchored else self.regex.search)
+        object.__setattr__(self, "free_length", free_length(self.regex))
+        object.__setattr__(self, "prefixes", anchored_prefixes(self.regex))
+        object.__setattr__(self, "needles", needles(self.regex))
         object.__setattr__(self, "screen", screen_regex(self.regex, self.negated, self.anchored))
+
+    def search(self, subject: str, budget: Budget) -> rx.Match[str] | None:
+        """One lookup: a timeout only where the search could run long (cost.py)."""
+        # A cheap test first: most header rules are anchored at a field name, and
+        # this rules their other lines out faster than a call into the engine.
+        if self.prefixes is not None and self.prefixes.rule_out(subject):
+            return None
+        if len(subject) <= self.free_length:
+            # Bounded work: no timeout to pay for, and the GIL kept (released for
+            # every short search, two busy threads would hand it back and forth).
+            return self.match(subject, concurrent=False)
+        # A timed search costs a system call (cost.py): first the literals that
+        # every match contains.
+        if self.needles is not None and not self.needles.found_in(
+                subject, fold(subject) if self.needles.caseless else subject):
+            return None
+        return self.match(subject, timeout=budget.left())
 
 
 @dataclass(frozen=True)
@@ -129,14 +209,18 @@ class Table:
     rules: tuple[Rule | IfBlock, ...]
     warnings: tuple[str, ...] = ()  # lines skipped or read leniently, as Postfix warns
 
-    def lookup(self, subject: str) -> Hit | None:
-        return _lookup(self.rules, subject)
+    def lookup(self, subject: str, budget: Budget = UNLIMITED) -> Hit | None:
+        return _lookup(self.rules, subject, budget)
 
     def all_patterns(self) -> Iterator[Pattern]:
+        return (item.pattern for item in self.all_items())
+
+    def all_items(self) -> Iterator[Rule | IfBlock]:
+        """Every rule and IF, in file order."""
         stack: list[Rule | IfBlock] = list(reversed(self.rules))
         while stack:
             item = stack.pop()
-            yield item.pattern
+            yield item
             if isinstance(item, IfBlock):
                 stack.extend(reversed(item.body))
 
@@ -154,13 +238,16 @@ class Table:
 Possible = frozenset[int] | None
 
 
-def _lookup(items: Sequence[Rule | IfBlock], subject: str) -> Hit | None:
+def _lookup(items: Sequence[Rule | IfBlock], subject: str, budget: Budget) -> Hit | None:
     for item in items:
-        m = item.pattern.match(subject)
+        try:
+            m = item.pattern.search(subject, budget)
+        except TimeoutError:
+            raise MatchOverrun(item.source, budget.seconds or 0.0) from None
         if (m is not None) == item.pattern.negated:
             continue
         if isinstance(item, IfBlock):
-            hit = _lookup(item.body, subject)
+            hit = _lookup(item.body, subject, budget)
             if hit is not None:
                 return hit
             continue
@@ -181,28 +268,34 @@ class Maps:
     tables: tuple[Table, ...] = ()
     screener: Screener = field(init=False, repr=False, compare=False)
     _screened_ids: tuple[int, ...] = field(init=False, repr=False, compare=False)
+    _screened_sources: tuple[str, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        screened = [p for t in self.tables for p in t.all_patterns() if p.screen is not None]
-        object.__setattr__(self, "screener", Screener(p.screen for p in screened if p.screen))
-        object.__setattr__(self, "_screened_ids", tuple(id(p) for p in screened))
+        screened = [p for t in self.tables for p in t.all_items() if p.pattern.screen is not None]
+        object.__setattr__(self, "screener", Screener(
+            p.pattern.screen for p in screened if p.pattern.screen))
+        object.__setattr__(self, "_screened_ids", tuple(id(p.pattern) for p in screened))
+        object.__setattr__(self, "_screened_sources", tuple(p.source for p in screened))
 
     def __bool__(self) -> bool:
         return bool(self.tables)
 
-    def lookup(self, subject: str) -> Hit | None:
-        return _first_hit((t.rules for t in self.tables), subject)
+    def lookup(self, subject: str, budget: Budget = UNLIMITED) -> Hit | None:
+        return _first_hit((t.rules for t in self.tables), subject, budget)
 
-    def screen(self, subjects: Sequence[str]) -> Possible:
+    def screen(self, subjects: Sequence[str], budget: Budget = UNLIMITED) -> Possible:
         """Ids of the patterns that can match one of `subjects` (see screen.py)."""
-        found = self.screener.possible(subjects)
+        try:
+            found = self.screener.possible(subjects, budget.left)
+        except ScreenTimeout as exc:
+            raise MatchOverrun(self._screened_sources[exc.index], budget.seconds or 0.0) from None
         if found is None:
             return None
         return frozenset(self._screened_ids[i] for i in found)
 
-    def for_message(self, subjects: Sequence[str]) -> Pruned:
+    def for_message(self, subjects: Sequence[str], budget: Budget = UNLIMITED) -> Pruned:
         """These tables without the rules that cannot match any of `subjects`."""
-        possible = self.screen(subjects)
+        possible = self.screen(subjects, budget)
         if possible is None:
             return Pruned(tuple(t.rules for t in self.tables))
         return Pruned(tuple(_prune(t.rules, possible) for t in self.tables))
@@ -221,14 +314,19 @@ class Pruned:
 
     tables: tuple[tuple[Rule | IfBlock, ...], ...]
 
-    def lookup(self, subject: str) -> Hit | None:
-        return _first_hit(self.tables, subject)
+    def lookup(self, subject: str, budget: Budget = UNLIMITED) -> Hit | None:
+        return _first_hit(self.tables, subject, budget)
 
 
-def _first_hit(tables: Iterable[Sequence[Rule | IfBlock]], subject: str) -> Hit | None:
+def _first_hit(
+    tables: Iterable[Sequence[Rule | IfBlock]], subject: str, budget: Budget
+) -> Hit | None:
     """As Postfix's maps_find(): the first table with a matching rule answers."""
+    if budget.spent():
+        # Untimed searches (cost.py) used up the budget: checked once a line.
+        raise MatchOverrun("", budget.seconds or 0.0)
     for rules in tables:
-        hit = _lookup(rules, subject)
+        hit = _lookup(rules, subject, budget)
         if hit is not None:
             return hit
     return None
@@ -459,7 +557,7 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
         warnings.append(f"{where}: ignoring obsolete regexp option \"X\"")
         flags = flags.replace("X", "")
     on = {f: flags.count(f) % 2 == 1 for f in allowed}  # each flag toggles its default
-    re_flags = re.RegexFlag(0)
+    re_flags = 0
     anchored = False
     try:
         if kind == "regexp":
@@ -467,7 +565,7 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
             # on), m (REG_NEWLINE, default off).
             newline = on["m"]
             translated = translate_posix(source, extended=not on["x"], newline=newline).pattern
-            re_flags |= re.MULTILINE if newline else re.DOTALL
+            re_flags |= rx.MULTILINE if newline else rx.DOTALL
         else:
             # pcre_table(5): i (default on), s (DOTALL, default on), m, x, A, E, U.
             translated = translate_pcre(
@@ -477,16 +575,17 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
                 multiline=on["m"], extra=True,
             )
             if on["m"]:
-                re_flags |= re.MULTILINE
+                re_flags |= rx.MULTILINE
             if not on["s"]:
-                re_flags |= re.DOTALL
+                re_flags |= rx.DOTALL
             anchored = on["A"]
         if not on["i"]:
-            re_flags |= re.IGNORECASE
+            re_flags |= rx.IGNORECASE
         if mode is TextMode.BYTES:
-            re_flags |= re.ASCII
-        regex = re.compile(translated, re_flags)
-    except (PatternError, re.error) as exc:
+            re_flags |= rx.ASCII
+        # VERSION0: the `re`-compatible dialect the translations are written in.
+        compiled = rx.compile(translated, re_flags | rx.VERSION0)
+    except (PatternError, re.error, rx.error) as exc:
         # dict_regexp.c: regerror() text; dict_pcre.c: "error in regex at offset N".
         raise SkipRule(f"{kind} pattern /{source}/: {exc}: skipping this rule") from None
-    return Pattern(regex, negated, anchored), regex.groups, text[flag_end:]
+    return Pattern(compiled, negated, anchored), compiled.groups, text[flag_end:]
