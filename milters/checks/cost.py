@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 import re._constants as sre  # type: ignore[import-not-found]
 import re._parser as sre_parse  # type: ignore[import-not-found]
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import regex as rx
@@ -57,6 +57,21 @@ def parse(regex: rx.Pattern[str]) -> Any:
     """The pattern parsed by re's parser (patterns.py writes re syntax)."""
     flags = sum(int(ours) for theirs, ours in RE_FLAGS if regex.flags & theirs)
     return sre_parse.parse(regex.pattern, flags)
+
+
+def as_re(regex: rx.Pattern[str]) -> re.Pattern[str] | None:
+    """The same pattern compiled by `re`, for the searches that need no timeout.
+
+    The translations are written in re's syntax (patterns.py), and re's engine is
+    two to three times faster than regex's on these patterns; regex stays for
+    the searches that could run long (a timeout, the GIL released). None if re
+    cannot compile it.
+    """
+    flags = sum(int(ours) for theirs, ours in RE_FLAGS if regex.flags & theirs)
+    try:
+        return re.compile(regex.pattern, flags)
+    except (re.error, RecursionError, OverflowError):
+        return None
 
 
 def free_length(regex: rx.Pattern[str]) -> int:
@@ -117,19 +132,20 @@ class Prefixes:
 
     texts: tuple[str, ...]
     caseless: bool
+    longest: int = field(init=False, repr=False, compare=False)
 
     def rule_out(self, subject: str) -> bool:
-        """True if no match can start this subject."""
-        for text in self.texts:
-            head = subject[:len(text)]
-            if not self.caseless:
-                if head == text:
-                    return False
-            # Only ASCII compares safely without the engine: under Unicode case
-            # folding "İ" or "K" (Kelvin) may match an ASCII letter.
-            elif not head.isascii() or head.lower() == text:
-                return False
-        return True
+        """True if no match can start this subject (a few calls into C: this runs
+        once per rule per line)."""
+        if not self.caseless:
+            return not subject.startswith(self.texts)
+        head = subject[:self.longest]
+        # Only ASCII compares safely without the engine: under Unicode case
+        # folding "İ" or "K" (Kelvin) may match an ASCII letter.
+        return head.isascii() and not head.lower().startswith(self.texts)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "longest", max(len(t) for t in self.texts))
 
 
 def anchored_prefixes(regex: rx.Pattern[str]) -> Prefixes | None:

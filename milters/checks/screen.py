@@ -26,7 +26,7 @@ from typing import Any
 
 import regex as rx
 
-from milters.checks.cost import parse
+from milters.checks.cost import as_re, free_length, parse
 
 # Constructs that look past the end of a line: with them, "matches a line" no
 # longer implies "matches the lines joined by \n".
@@ -147,6 +147,9 @@ class Screener:
     def __init__(self, patterns: Iterable[rx.Pattern[str]]) -> None:
         self.patterns = tuple(patterns)
         self.needles = tuple(needles(p) for p in self.patterns)
+        # Joined texts up to free_length are searched by re, untimed (cost.py).
+        self.free = tuple(free_length(p) for p in self.patterns)
+        self.fast = tuple(as_re(p) for p in self.patterns)
 
     def possible(
         self, subjects: Sequence[str], time_left: Callable[[], float | None] = lambda: None
@@ -165,11 +168,15 @@ class Screener:
         folded = fold(joined) if any(n and n.caseless for n in self.needles) else joined
         found = set()
         for i, (pattern, needle) in enumerate(zip(self.patterns, self.needles, strict=True)):
+            fast = self.fast[i]
             if needle is not None:
                 if needle.found_in(joined, folded):
                     found.add(i)
             elif multiline:
                 found.add(i)
+            elif fast is not None and len(joined) <= self.free[i]:
+                if fast.search(joined):
+                    found.add(i)
             else:
                 try:
                     if pattern.search(joined, timeout=time_left()):

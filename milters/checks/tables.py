@@ -41,6 +41,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import regex as rx
@@ -53,7 +54,7 @@ from milters.checks.actions import (
     SkipRule,
     parse_action,
 )
-from milters.checks.cost import Prefixes, anchored_prefixes, free_length
+from milters.checks.cost import Prefixes, anchored_prefixes, as_re, free_length
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
 from milters.checks.screen import Needles, Screener, ScreenTimeout, fold, needles, screen_regex
 from milters.core.errors import ConfigError
@@ -127,7 +128,7 @@ class Budget:
 UNLIMITED = Budget(None)  # immutable: no deadline to move
 
 
-Matcher = Callable[..., "rx.Match[str] | None"]
+Matcher = Callable[..., "rx.Match[str] | re.Match[str] | None"]
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,10 @@ class Pattern:
     # The same pattern with ^ and $ at every line: one search over all the lines
     # of a message tells whether it can match any of them (see screen.py).
     screen: rx.Pattern[str] | None = field(init=False, repr=False, compare=False)
-    # Subjects up to this long are searched without a timeout (see cost.py).
+    # Subjects up to this long are searched without a timeout (see cost.py)...
     free_length: int = field(init=False, repr=False, compare=False)
+    # ...by re's faster engine when it compiles the pattern (cost.as_re).
+    fast: Matcher = field(init=False, repr=False, compare=False)
     # For a pattern anchored at the start: the literal texts a match starts with.
     prefixes: Prefixes | None = field(init=False, repr=False, compare=False)
     # Literals one of which every match contains (screen.py), tested per line too.
@@ -153,20 +156,27 @@ class Pattern:
     def __post_init__(self) -> None:
         object.__setattr__(self, "match", self.regex.match if self.anchored else self.regex.search)
         object.__setattr__(self, "free_length", free_length(self.regex))
+        fast = as_re(self.regex)
+        if fast is None:
+            object.__setattr__(self, "fast", partial(self.match, concurrent=False))
+        else:
+            object.__setattr__(self, "fast", fast.match if self.anchored else fast.search)
         object.__setattr__(self, "prefixes", anchored_prefixes(self.regex))
         object.__setattr__(self, "needles", needles(self.regex))
         object.__setattr__(self, "screen", screen_regex(self.regex, self.negated, self.anchored))
 
-    def search(self, subject: str, budget: Budget) -> rx.Match[str] | None:
+    def search(self, subject: str, budget: Budget) -> rx.Match[str] | re.Match[str] | None:
         """One lookup: a timeout only where the search could run long (cost.py)."""
-        # A cheap test first: most header rules are anchored at a field name, and
-        # this rules their other lines out faster than a call into the engine.
-        if self.prefixes is not None and self.prefixes.rule_out(subject):
-            return None
         if len(subject) <= self.free_length:
             # Bounded work: no timeout to pay for, and the GIL kept (released for
             # every short search, two busy threads would hand it back and forth).
-            return self.match(subject, concurrent=False)
+            # re's engine fails an anchored `^Subject:` on another line faster
+            # than any test in Python could rule it out.
+            return self.fast(subject)
+        # A cheap test before a timed search: most header rules are anchored at a
+        # field name, and this rules their other lines out without the engine.
+        if self.prefixes is not None and self.prefixes.rule_out(subject):
+            return None
         # A timed search costs a system call (cost.py): first the literals that
         # every match contains.
         if self.needles is not None and not self.needles.found_in(
@@ -240,8 +250,16 @@ Possible = frozenset[int] | None
 
 def _lookup(items: Sequence[Rule | IfBlock], subject: str, budget: Budget) -> Hit | None:
     for item in items:
+        pattern = item.pattern
         try:
-            m = item.pattern.search(subject, budget)
+            # The common case inline (a bounded search by re, cost.py): this loop
+            # runs once per rule per line.
+            if len(subject) <= pattern.free_length:
+                m = pattern.fast(subject)
+            elif pattern.prefixes is not None and pattern.prefixes.rule_out(subject):
+                m = None  # another field's line: no engine call at all
+            else:
+                m = pattern.search(subject, budget)
         except TimeoutError:
             raise MatchOverrun(item.source, budget.seconds or 0.0) from None
         if (m is not None) == item.pattern.negated:
