@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from milters.checks import shadow
 from milters.checks.actions import ActionError, Kind, RuleAction, parse_action
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
 from milters.checks.screen import Screener, screen_regex
@@ -87,6 +88,7 @@ class Rule:
     pattern: Pattern
     action: RuleAction
     source: str  # "file:line" for logs and errors
+    shadow: bool = False  # `# milters: shadow`: logged and counted only (shadow.py)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,9 @@ def _lookup(items: Sequence[Rule | IfBlock], subject: str) -> Hit | None:
             hit = _lookup(item.body, subject)
             if hit is not None:
                 return hit
+            continue
+        if item.shadow:  # watched only: noted, and lookup goes on (checks/shadow.py)
+            shadow.saw(item, item.action.text.expand(m.group if m else lambda _: ""), subject)
             continue
         if m is None:  # negated rule: no groups to substitute
             return Hit(item, item.action.text.expand(lambda _: ""))
@@ -287,6 +292,7 @@ def parse_table(
     key: str = "",
 ) -> Table:
     text = mode.subject(data)
+    marks = shadow.marked_lines(text, path)  # `# milters: shadow` comments
     problems: list[str] = []
     stack: list[tuple[Pattern, list[Rule | IfBlock], str]] = []
     top: list[Rule | IfBlock] = []
@@ -320,7 +326,7 @@ def parse_table(
                 raise ConfigError(f"{where}: {exc}") from None
             if action.kind in forbidden:
                 raise ConfigError(f"{where}: {action.kind.value} cannot be used in {key}")
-            body.append(Rule(pattern, action, where))
+            body.append(Rule(pattern, action, where, shadow.is_marked(marks, where)))
         except ConfigError as exc:
             problems.extend(exc.problems)
     for _, _, source in stack:

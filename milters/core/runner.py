@@ -21,6 +21,7 @@ import socket
 import threading
 from collections.abc import Callable
 
+from milters.core import metrics
 from milters.core.adapter import LibmilterError, open_socket, serve_forever
 from milters.core.config import Config
 from milters.core.errors import ConfigError, MiltersError
@@ -143,6 +144,7 @@ def _forker(get_runtime: Callable[[], Runtime], listen_fd: int) -> Callable[[str
 def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
                reload_config: Callable[[], Config]) -> int:
     """Serve filter `name` until SIGTERM. Returns the process exit status."""
+    exporter = metrics.start_exporter(cfg, name)  # before build: see core/metrics.py
     runtime = build(cfg, name)
     settings = cfg.filters[name]
     spec = parse_socket(settings.socket)
@@ -163,6 +165,7 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
     current = [runtime]
     block_signals()
     sup = Supervisor(f"filter {name}", _forker(lambda: current[0], fd), stop_signal=DRAIN_SIGNAL)
+    sup.on_exit = exporter.worker_exited
     for i in range(settings.workers):
         sup.start(f"worker {i + 1}")
 

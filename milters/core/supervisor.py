@@ -43,6 +43,8 @@ class Supervisor:
     children: dict[int, Child] = field(default_factory=dict)
     quick_deaths: dict[str, int] = field(default_factory=dict)
     stopping: bool = False
+    # Called with the pid of every child reaped (metrics bookkeeping, core/metrics.py).
+    on_exit: Callable[[int], None] | None = None
 
     def start(self, slot: str) -> None:
         pid = self.spawn(slot)
@@ -74,6 +76,8 @@ class Supervisor:
             child = self.children.pop(pid, None)
             if child is None:
                 continue
+            if self.on_exit is not None:
+                self.on_exit(pid)
             how = _status_text(status)
             if child.retiring or self.stopping:
                 log.info("%s: %s (pid %d) stopped: %s", self.what, child.slot, pid, how)
