@@ -60,3 +60,27 @@ def test_log_tally_windows_and_dmarc_domains() -> None:
     assert tallies["last day"].dmarc == {("a.example", "pass"): 1, ("a.example", "fail"): 1}
     text = stats.render(tallies, 10, per_domain=True)
     assert "a.example: 1/2 pass (50.0 %)" in text
+
+
+def test_dashboard_and_docs_name_only_metrics_that_exist() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    from milters.core.metrics import Metrics
+
+    m = Metrics()
+    names = set()
+    for metric in vars(m).values():
+        base = metric._name
+        kind = metric._type
+        names |= ({f"{base}_total"} if kind == "counter"
+                  else {f"{base}_bucket", f"{base}_count", f"{base}_sum", base})
+    root = Path(__file__).resolve().parents[3] / "packaging" / "prometheus"
+    exprs = " ".join(t["expr"] for p in json.loads((root / "grafana-dashboard.json").read_text())
+                     ["panels"] for t in p["targets"])
+    used = set(re.findall(r"milters_\w+", exprs))
+    assert used and used <= names, used - names
+    documented = set(re.findall(r"`(milters_\w+)`", (root / "README.md").read_text()))
+    assert {n.removesuffix("_total") for n in documented} == \
+        {n.removesuffix("_total") for n in names if not n.endswith(("_bucket", "_count", "_sum"))}
