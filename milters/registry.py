@@ -71,7 +71,7 @@ def build_runtime(cfg: Config, name: str) -> Runtime:
     enabled = [n for n in FILTERS if cfg.filters[n].enabled]
     # Filters of ours that run before this one (see Env.upstream).
     upstream = tuple(enabled[: enabled.index(name)]) if name in enabled else ()
-    env = Env(cfg.global_, upstream=upstream, metrics=metrics.for_process(cfg))
+    env = Env(cfg.global_, upstream=upstream, metrics=metrics.for_process(cfg, name))
     env.resolver  # noqa: B018 - built now, before any fork or thread, not lazily in one
     flt = cls(settings, env)
     policy = SitePolicy(

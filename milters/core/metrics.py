@@ -156,13 +156,6 @@ class Metrics(NullMetrics):
         self.rules = Counter(
             "milters_checks_rule_hits", "checks table rules that matched (shadow: watched only)",
             ("table", "rule", "action", "shadow"), registry=None)
-        self.viruses = Counter("milters_clamav_viruses", "Messages clamd found infected",
-                               registry=None)
-        self.clamd_errors = Counter("milters_clamav_clamd_errors",
-                                    "clamd back ends that failed a scan", ("backend",),
-                                    registry=None)
-        self.scans = Histogram("milters_clamav_scan_seconds", "clamd scan time per message",
-                               buckets=SCAN_BUCKETS, registry=None)
 
     def message(self, filter_name: str, stage: str, verdict: Verdict, ms: float) -> None:
         action = verdict.action.name.lower()
@@ -178,6 +171,23 @@ class Metrics(NullMetrics):
     def rule_hit(self, table: str, source: str, action: str, shadow: bool = False) -> None:
         self.rules.labels(table, source, action, "yes" if shadow else "no").inc()
 
+
+class ClamavMetrics(Metrics):
+    """The clamav filter's own counters on top (unlabelled ones would show, as zeros,
+    in every filter's scrape)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from prometheus_client import Counter, Histogram
+
+        self.viruses = Counter("milters_clamav_viruses", "Messages clamd found infected",
+                               registry=None)
+        self.clamd_errors = Counter("milters_clamav_clamd_errors",
+                                    "clamd back ends that failed a scan", ("backend",),
+                                    registry=None)
+        self.scans = Histogram("milters_clamav_scan_seconds", "clamd scan time per message",
+                               buckets=SCAN_BUCKETS, registry=None)
+
     def virus(self) -> None:
         self.viruses.inc()
 
@@ -188,13 +198,15 @@ class Metrics(NullMetrics):
         self.scans.observe(seconds)
 
 
-def for_process(cfg: Config) -> NullMetrics:
-    """The Metrics for a runtime being built in this process (Null when off).
+def for_process(cfg: Config, name: str) -> NullMetrics:
+    """The Metrics for filter `name`'s runtime being built here (Null when off).
 
     On only in a `milters run` whose exporter is set up (not in `milters test`,
     `check-config` or the `serve` parent, which build runtimes too).
     """
-    return Metrics() if cfg.global_.metrics_listen and enabled() else NullMetrics()
+    if not (cfg.global_.metrics_listen and enabled()):
+        return NullMetrics()
+    return ClamavMetrics() if name == "clamav" else Metrics()
 
 
 # --- the exporter --------------------------------------------------------------

@@ -67,9 +67,9 @@ def test_dashboard_and_docs_name_only_metrics_that_exist() -> None:
     import re
     from pathlib import Path
 
-    from milters.core.metrics import Metrics
+    from milters.core.metrics import ClamavMetrics
 
-    m = Metrics()
+    m = ClamavMetrics()
     names = set()
     for metric in vars(m).values():
         base = metric._name
