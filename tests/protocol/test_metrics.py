@@ -225,3 +225,22 @@ def test_stats_says_when_a_port_cannot_be_read(tmp_path: Path) -> None:
     done = run_stats("--url", f"http://127.0.0.1:{free_port()}/metrics")
     assert done.returncode == 1
     assert "cannot scrape" in done.stderr
+
+
+def test_counts_survive_a_reload(checks: Checks) -> None:
+    """SIGHUP: new workers take over from retired ones; no count is lost or reset."""
+    def accepted() -> float:
+        return value(scrape(checks.url), "milters_messages_total", filter="checks",
+                     stage="eom", verdict="accept")
+
+    for i in range(3):
+        assert send(checks.spec, f"before {i}").verdict == "accept"
+    before = accepted()
+    exporter = exporter_pid(checks.proc)
+    old = set(workers(checks.proc, exporter))
+    os.kill(checks.proc.pid, signal.SIGHUP)
+    assert wait_until(lambda: not old & set(workers(checks.proc, exporter)), timeout=60), \
+        checks.proc.output()
+    for i in range(3):
+        assert send(checks.spec, f"after {i}").verdict == "accept"
+    assert accepted() == before + 3
