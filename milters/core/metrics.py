@@ -221,8 +221,13 @@ class Exporter:
     pid: int = 0
 
     def worker_exited(self, pid: int) -> None:
-        """The supervisor reaped worker `pid`: prometheus_client's bookkeeping."""
+        """The supervisor reaped child `pid`: prometheus_client's bookkeeping."""
         if self.directory is None:
+            return
+        if pid == self.pid:
+            # Not restarted: the mail keeps flowing and counting; only scrapes fail.
+            log.error("metrics exporter (pid %d) exited: metrics are not served until "
+                      "the filter is restarted", pid)
             return
         from prometheus_client import multiprocess
 

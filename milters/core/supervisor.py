@@ -43,7 +43,8 @@ class Supervisor:
     children: dict[int, Child] = field(default_factory=dict)
     quick_deaths: dict[str, int] = field(default_factory=dict)
     stopping: bool = False
-    # Called with the pid of every child reaped (metrics bookkeeping, core/metrics.py).
+    # Called with the pid of every child reaped, ours or not (the metrics exporter
+    # is forked outside `children`; core/metrics.py).
     on_exit: Callable[[int], None] | None = None
 
     def start(self, slot: str) -> None:
@@ -73,11 +74,11 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self.on_exit is not None:
+                self.on_exit(pid)
             child = self.children.pop(pid, None)
             if child is None:
                 continue
-            if self.on_exit is not None:
-                self.on_exit(pid)
             how = _status_text(status)
             if child.retiring or self.stopping:
                 log.info("%s: %s (pid %d) stopped: %s", self.what, child.slot, pid, how)

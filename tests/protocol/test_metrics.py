@@ -46,9 +46,8 @@ def metrics_port() -> int:
             return port
 
 
-@pytest.fixture(scope="module")
-def checks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Checks]:
-    d = tmp_path_factory.mktemp("metrics")
+def start_checks(factory: ProcessFactory, d: Path) -> Checks:
+    """`milters run checks` with 2 workers and metrics on, its files under `d`/run."""
     (d / "header_checks").write_text(HEADER_CHECKS)
     run_dir = d / "run"
     run_dir.mkdir()
@@ -59,17 +58,21 @@ def checks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Checks]:
         f'metrics_listen = "127.0.0.1:{mport - CHECKS_OFFSET}"\n\n'
         # Only checks runs here: `milters stats` scrapes the enabled filters.
         + "".join(f"[{n}]\nenabled = false\n" for n in ("dkim", "spf", "dmarc", "clamav"))
-        +
-        f'[checks]\nsocket = "inet:{port}@127.0.0.1"\nworkers = 2\n'
+        + f'[checks]\nsocket = "inet:{port}@127.0.0.1"\nworkers = 2\n'
         f'header_checks = "regexp:{d}/header_checks"\n'
     )
     argv = [sys.executable, "-m", "milters", "run", "checks", "--config", str(config)]
     # RUNTIME_DIRECTORY as systemd sets it: the metrics files go under it.
     env = {"PYTHONPATH": str(ROOT), "RUNTIME_DIRECTORY": str(run_dir)}
+    proc = factory.start(argv, port, env=env, cwd=ROOT)
+    return Checks(proc, f"inet:{port}@127.0.0.1", f"http://127.0.0.1:{mport}/metrics",
+                  config, run_dir / "metrics-checks")
+
+
+@pytest.fixture(scope="module")
+def checks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Checks]:
     with ProcessFactory() as factory:
-        proc = factory.start(argv, port, env=env, cwd=ROOT)
-        yield Checks(proc, f"inet:{port}@127.0.0.1", f"http://127.0.0.1:{mport}/metrics",
-                     config, run_dir / "metrics-checks")
+        yield start_checks(factory, tmp_path_factory.mktemp("metrics"))
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -244,3 +247,15 @@ def test_counts_survive_a_reload(checks: Checks) -> None:
     for i in range(3):
         assert send(checks.spec, f"after {i}").verdict == "accept"
     assert accepted() == before + 3
+
+
+def test_a_dead_exporter_is_logged_and_mail_still_flows(tmp_path: Path) -> None:
+    with ProcessFactory() as factory:
+        own = start_checks(factory, tmp_path)
+        assert scrape(own.url) is not None
+        exporter = exporter_pid(own.proc)
+        os.kill(exporter, signal.SIGKILL)
+        assert wait_until(lambda: f"metrics exporter (pid {exporter}) exited"
+                          in own.proc.output(), timeout=20), own.proc.output()
+        assert send(own.spec, "still here").verdict == "accept"
+        assert send(own.spec, "x", "X-Bad: 1\r\n").verdict == "reject"
