@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import logging
 import os
 import signal
@@ -387,7 +388,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     now = time.time()
     if args.log:
         if args.log == "-":
-            sys.stdout.write(stats.log_stats(sys.stdin, now, args.top))
+            stdin = io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
+            sys.stdout.write(stats.log_stats(stdin, now, args.top))
         else:
             try:
                 with open(args.log, encoding="utf-8", errors="replace") as f:

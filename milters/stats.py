@@ -61,7 +61,15 @@ class Tally:
 
 
 def line_time(line: str, now: float) -> float | None:
-    """The time stamp a log line starts with, as seconds since the epoch (local time)."""
+    """The time stamp a log line starts with, as seconds since the epoch (local time);
+    None for a line without one (or with an impossible date)."""
+    try:
+        return _line_time(line, now)
+    except (ValueError, OverflowError):
+        return None
+
+
+def _line_time(line: str, now: float) -> float | None:
     m = _OURS.match(line)
     if m:
         tz = m.group("tz")
@@ -152,11 +160,11 @@ def tally_samples(samples: Mapping[Sample, float]) -> Tally:
         if not n:
             continue
         if name == "milters_messages_total":
-            t.verdicts[(lab["filter"], lab["verdict"])] += n
+            t.verdicts[(lab.get("filter", "?"), lab.get("verdict", "?"))] += n
         elif name == "milters_checks_rule_hits_total":
-            t.rules[(lab["rule"], lab["action"], lab["shadow"] == "yes")] += n
+            t.rules[(lab.get("rule", "?"), lab.get("action", "?"), lab.get("shadow") == "yes")] += n
         elif name == "milters_results_total" and lab.get("method") == "dmarc":
-            t.dmarc_total[lab["result"]] += n
+            t.dmarc_total[lab.get("result", "?")] += n
     return t
 
 
@@ -176,7 +184,17 @@ def read_state(path: Path) -> list[dict[str, Any]]:
         return []
     except (OSError, ValueError):
         return []  # unreadable: start again rather than fail a report
-    return data if isinstance(data, list) else []
+    if not isinstance(data, list):
+        return []
+    good = []
+    for r in data:
+        try:
+            float(r["time"])
+            _decode(r["samples"])
+        except (KeyError, TypeError, ValueError):
+            continue  # a damaged reading: skip it, keep the others
+        good.append(r)
+    return good
 
 
 def _encode(samples: Mapping[Sample, float]) -> list[list[Any]]:
@@ -212,7 +230,10 @@ def metrics_report(targets: Mapping[str, str], state: Path | None, now: float
             tallies[f"{name} (no earlier reading: since the filters started)"] = \
                 tally_samples(current)
     readings.append({"time": now, "samples": _encode(current)})
-    state.write_text(json.dumps(readings))
+    try:
+        state.write_text(json.dumps(readings))
+    except OSError as exc:
+        problems.append(f"cannot keep the reading in {state}: {exc.strerror}")
     return tallies, problems
 
 

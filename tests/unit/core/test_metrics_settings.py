@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +66,6 @@ def test_log_tally_windows_and_dmarc_domains() -> None:
 def test_dashboard_and_docs_name_only_metrics_that_exist() -> None:
     import json
     import re
-    from pathlib import Path
 
     from milters.core.metrics import ClamavMetrics
 
@@ -84,3 +84,17 @@ def test_dashboard_and_docs_name_only_metrics_that_exist() -> None:
     documented = set(re.findall(r"`(milters_\w+)`", (root / "README.md").read_text()))
     assert {n.removesuffix("_total") for n in documented} == \
         {n.removesuffix("_total") for n in names if not n.endswith(("_bucket", "_count", "_sum"))}
+
+
+def test_garbage_log_lines_and_a_damaged_state_file_give_a_report(tmp_path: Path) -> None:
+    now = time.time()
+    lines = ["2026-13-45 99:99:99 milters[1] queue_id=A filter=x stage=eom verdict=accept",
+             "Feb 31 10:00:00 mx milters[1]: queue_id=A filter=x stage=eom verdict=accept",
+             "\x00\xff filter= verdict=", ""]
+    tallies, used = stats.tally_log(lines, now)
+    assert used == 0 and not tallies["last hour"].verdicts
+    state = tmp_path / "state.json"
+    state.write_text('[{"time": "x"}, {"time": 1, "samples": [[1]]}, 7]')
+    assert stats.read_state(state) == []
+    state.write_text("not json")
+    assert stats.read_state(state) == []
