@@ -13,7 +13,7 @@ Two sources, the same report:
   -1d | milters stats --log -`): the one summary line per message per filter
   (`queue_id=... filter=... stage=... verdict=... results=...`, core/pipeline.py),
   checks' rule references (`[header_checks FILE:LINE REJECT]`), shadow-rule lines
-  and dmarc's `dmarc=RESULT header.from=DOMAIN` line. Time stamps in our own
+  and dmarc's `[dmarc=RESULT header.from=DOMAIN ...]` reason. Time stamps in our own
   format, journalctl's default and `-o short-iso` are understood.
 """
 
@@ -38,7 +38,7 @@ _SUMMARY = re.compile(r"queue_id=\S+ filter=(?P<filter>\w+) stage=(?P<stage>\w+)
                       r"verdict=(?P<verdict>\w+)")
 _RULE = re.compile(r"\b(?P<key>\w+_checks) (?P<rule>\S+:\d+) (?P<action>[A-Z]+)\b")
 _SHADOW = re.compile(r"filter=checks shadow rule (?P<rule>\S+:\d+) would (?P<action>[A-Z]+)")
-_DMARC = re.compile(r"filter=dmarc dmarc=(?P<result>\w+) header\.from=(?P<domain>\S*)")
+_DMARC = re.compile(r"\[dmarc=(?P<result>\w+) header\.from=(?P<domain>[^\s\]]*)")
 _OURS = re.compile(r"^(?P<y>\d{4})-(?P<mo>\d\d)-(?P<d>\d\d)[ T](?P<h>\d\d):(?P<mi>\d\d):"
                    r"(?P<s>\d\d)(?P<frac>[,.]\d+)?(?P<tz>[+-]\d\d:?\d\d|Z)?")
 _SYSLOG = re.compile(r"^(?P<mon>[A-Z][a-z]{2}) +(?P<d>\d{1,2}) (?P<h>\d\d):(?P<mi>\d\d):"
@@ -115,21 +115,22 @@ def _count_line(line: str, windows: Sequence[Tally]) -> int:
     if m:
         for t in windows:
             t.verdicts[(m["filter"], m["verdict"])] += 1
+        rest = line[m.end():]
         if m["filter"] == "checks":
-            for r in _RULE.finditer(line[m.end():]):
+            for r in _RULE.finditer(rest):
                 for t in windows:
                     t.rules[(r["rule"], r["action"], False)] += 1
+        elif m["filter"] == "dmarc":
+            d = _DMARC.search(rest)
+            if d:
+                for t in windows:
+                    t.dmarc[(d["domain"].lower(), d["result"])] += 1
+                    t.dmarc_total[d["result"]] += 1
         return 1
     m = _SHADOW.search(line)
     if m:
         for t in windows:
             t.rules[(m["rule"], m["action"], True)] += 1
-        return 1
-    m = _DMARC.search(line)
-    if m:
-        for t in windows:
-            t.dmarc[(m["domain"].lower(), m["result"])] += 1
-            t.dmarc_total[m["result"]] += 1
         return 1
     return 0
 

@@ -36,7 +36,7 @@ from tests.e2e.suite import (
 )
 from tests.support.clamd import Clamd, eicar_zip
 from tests.support.dns import LoopbackDNS, dns_server
-from tests.support.processes import ProcessFactory, free_port
+from tests.support.processes import ProcessFactory, free_port, wait_until
 
 pytest_plugins = ("tests.support.clamd_plugin",)
 
@@ -163,3 +163,16 @@ def test_all_five_filters_count_what_postfix_sent(postfix: PostfixInstance, work
                  r"checks +4 messages: accept 3  reject 1\n",
                  r"all domains: 3/6 pass \(50\.0 %\)\n"):
         assert re.search(line, done.stdout), (line, done.stdout)
+
+    # The same from the filters' own log, with DMARC per From domain.
+    assert wait_until(lambda: suite.output().count("filter=checks stage=eom") == 4, timeout=10)
+    done = subprocess.run([sys.executable, "-m", "milters", "stats", "--log", "-"],
+                          input=suite.output(), capture_output=True, text=True,
+                          cwd=REPO_ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    hour = done.stdout.split("== last day ==")[0]
+    for line in (r"dmarc +6 messages: accept 5  reject 1\n",
+                 rf"  {re.escape(ALIGNED)}: 3/3 pass \(100\.0 %\)\n",
+                 rf"  {re.escape(REJECTING)}: 0/1 pass \(0\.0 %\)\n",
+                 r"\n +1 +\S+header_checks:1 REJECT\n"):
+        assert re.search(line, hour), (line, done.stdout)

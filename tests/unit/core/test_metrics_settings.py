@@ -46,16 +46,16 @@ def test_log_time_formats() -> None:
 def test_log_tally_windows_and_dmarc_domains() -> None:
     now = time.mktime((2026, 12, 4, 18, 0, 0, 0, 0, -1))
     lines = [
-        "Dec 04 17:59:00 mx milters[1]: queue_id=A filter=dmarc dmarc=pass header.from=a.example",
         "Dec 04 17:59:00 mx milters[1]: queue_id=A filter=dmarc stage=eom client=x[1.2.3.4] "
-        "verdict=accept results=dmarc=pass ms=1.0",
-        "Dec 04 12:00:00 mx milters[1]: queue_id=B filter=dmarc dmarc=fail header.from=a.example",
+        "verdict=accept [dmarc=pass header.from=a.example] results=dmarc=pass ms=1.0",
         "Dec 04 12:00:00 mx milters[1]: queue_id=B filter=dmarc stage=eom client=x[1.2.3.4] "
-        "verdict=reject 550 5.7.1 no results=dmarc=fail ms=1.0",
-        "Dec 02 12:00:00 mx milters[1]: queue_id=C filter=dmarc dmarc=fail header.from=old.example",
+        "verdict=reject 550 5.7.1 no [dmarc=fail header.from=A.example no aligned dkim or spf "
+        "pass] results=dmarc=fail ms=1.0",
+        "Dec 02 12:00:00 mx milters[1]: queue_id=C filter=dmarc stage=eom client=x[1.2.3.4] "
+        "verdict=accept [dmarc=fail header.from=old.example] results=dmarc=fail ms=1.0",
     ]
     tallies, used = stats.tally_log(lines, now)
-    assert used == 4
+    assert used == 2
     assert tallies["last hour"].verdicts == {("dmarc", "accept"): 1}
     assert tallies["last day"].verdicts == {("dmarc", "accept"): 1, ("dmarc", "reject"): 1}
     assert tallies["last day"].dmarc == {("a.example", "pass"): 1, ("a.example", "fail"): 1}
