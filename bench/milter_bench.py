@@ -386,11 +386,13 @@ def _brief(mem: dict[str, Any]) -> dict[str, Any]:
 # --- the filter under test ---------------------------------------------------------------
 
 
-def checks_config(port: int, workers: int, log_level: str) -> str:
+def checks_config(port: int, workers: int, log_level: str, metrics_port: int = 0) -> str:
     tables = common.TABLES_DIR
+    # checks is 5th in chain order: its metrics port is metrics_listen + 4.
+    metrics = f'metrics_listen = "127.0.0.1:{metrics_port - 4}"\n' if metrics_port else ""
     return (
         "[global]\n"
-        f'log_level = "{log_level}"\n\n'
+        f'log_level = "{log_level}"\n{metrics}\n'
         "[checks]\n"
         f'socket = "inet:{port}@127.0.0.1"\n'
         f"workers = {workers}\n"
@@ -399,14 +401,20 @@ def checks_config(port: int, workers: int, log_level: str) -> str:
     )
 
 
-def start_filter(name: str, workers: int, log_level: str, workdir: Path
+def start_filter(name: str, workers: int, log_level: str, workdir: Path, metrics: bool = False
                  ) -> tuple[ManagedProcess, str]:
-    """Start filter `name` on a free port; return it, listening, and its socket spec."""
+    """Start filter `name` on a free port; return it, listening, and its socket spec.
+
+    With `metrics`, checks exports Prometheus metrics (one more process: the exporter).
+    """
     port = free_port()
     env = {"PYTHONPATH": str(common.REPO_ROOT)}
     if name == "checks":
         cfg = workdir / "checks.toml"
-        cfg.write_text(checks_config(port, workers, log_level))
+        metrics_port = 0
+        while metrics and metrics_port <= 1028:
+            metrics_port = free_port()
+        cfg.write_text(checks_config(port, workers, log_level, metrics_port))
         argv = [sys.executable, "-m", "milters", "run", "checks", "--config", str(cfg)]
     elif name == "scripted":
         argv = [sys.executable, str(SCRIPTED), str(port), "enforce", "tempfail", str(workers)]
@@ -414,7 +422,7 @@ def start_filter(name: str, workers: int, log_level: str, workdir: Path
         raise ValueError(f"unknown filter {name!r}; choose from {', '.join(FILTERS)}")
     proc = ManagedProcess(argv, port, env=env, cwd=common.REPO_ROOT)
     proc.wait_ready()
-    common.wait_workers(proc.pid, workers)
+    common.wait_workers(proc.pid, workers + (1 if metrics and name == "checks" else 0))
     return proc, common.spec_for(port)
 
 
@@ -449,6 +457,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--large-mb", type=float, default=5.0, help="size of the large message")
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--log-level", default="info", help="the filter's log level ([global])")
+    p.add_argument("--metrics", action="store_true",
+                   help="checks with Prometheus metrics on ([global] metrics_listen)")
     p.add_argument("--out", type=Path, help="JSON file (default: bench/results/...)")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
     return p.parse_args(argv)
@@ -471,6 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "host": common.host_info(),
         "settings": {
             "workers": None if args.socket else args.workers,
+            "metrics": args.metrics,
             "per_connection": args.per_connection,
             "duration_s": None if args.count else args.duration,
             "count": args.count,
@@ -490,7 +501,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 socket_spec, root = args.socket, args.pid
             else:
                 proc, socket_spec = start_filter(args.filter, args.workers, args.log_level,
-                                                 Path(tmp))
+                                                 Path(tmp), metrics=args.metrics)
                 root = proc.pid
             result["socket"] = socket_spec
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from milters.checks import ChecksFilter
 from milters.clamav import ClamavFilter
+from milters.core import metrics
 from milters.core.config import (
     Config,
     build_config,
@@ -71,7 +72,8 @@ def build_runtime(cfg: Config, name: str) -> Runtime:
     # Filters of ours that run before this one (see Env.upstream).
     upstream = tuple(enabled[: enabled.index(name)]) if name in enabled else ()
     downstream = tuple(enabled[enabled.index(name) + 1 :]) if name in enabled else ()
-    env = Env(cfg.global_, upstream=upstream, downstream=downstream)
+    env = Env(cfg.global_, upstream=upstream, downstream=downstream,
+              metrics=metrics.for_process(cfg, name))
     env.resolver  # noqa: B018 - built now, before any fork or thread, not lazily in one
     flt = cls(settings, env)
     policy = SitePolicy(

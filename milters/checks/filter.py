@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
+from milters.checks import shadow
 from milters.checks.actions import (
     LINE_EDITS,
     Context,
@@ -272,14 +273,16 @@ class ChecksFilter(Filter):
     # --- end of message -------------------------------------------------------
 
     def check(self, tx: Transaction) -> Verdict:
-        decision = _Decision(self, tx)
-        try:
-            decision.run_stages()
-            if not decision.stopped:
-                decision.run_content()
-        except MatchOverrun as exc:
-            return self.overrun(exc, decision.key)
-        return decision.verdict()
+        with shadow.watch() as seen:
+            decision = _Decision(self, tx)
+            try:
+                decision.run_stages()
+                if not decision.stopped:
+                    decision.run_content()
+            except MatchOverrun as exc:
+                return self.overrun(exc, decision.key)
+            verdict = decision.verdict()
+        return shadow.report(verdict, seen, self.env.metrics)
 
 
 class _Decision:
@@ -480,6 +483,8 @@ class _Decision:
         characters, as cleanup's "%.200s" does.
         """
         conn = self.tx.connection
+        self.filt.env.metrics.rule_hit(hit.rule.source.rpartition(":")[0], hit.rule.source,
+                                       hit.kind.value)
         word = _LOG_WORD.get(hit.kind, hit.kind.value.lower())
         client = f"{conn.client_name or 'unknown'}[{conn.client_addr}]"
         rcpt = self.tx.rcpt_to[0] if self.tx.rcpt_to else ""

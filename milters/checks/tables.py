@@ -46,6 +46,7 @@ from pathlib import Path
 
 import regex as rx
 
+from milters.checks import shadow
 from milters.checks.actions import (
     ActionError,
     Context,
@@ -192,6 +193,7 @@ class Rule:
     source: str  # "file:line" for logs and errors
     # regexp: `/pat1/!/pat2/`: a second pattern that must also agree (dict_regexp.c).
     also: Pattern | None = None
+    shadow: bool = False  # `# milters: shadow`: logged and counted only (shadow.py)
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,9 @@ def _lookup(items: Sequence[Rule | IfBlock], subject: str, budget: Budget) -> Hi
             continue
         also = item.also
         if also is not None and (also.match(subject) is not None) == also.negated:
+            continue
+        if item.shadow:  # watched only: noted, and lookup goes on (checks/shadow.py)
+            shadow.saw(item, item.action.text.expand(m.group if m else lambda _: ""), subject)
             continue
         if m is None:  # negated rule: no groups to substitute
             return Hit(item, item.action.text.expand(lambda _: ""))
@@ -463,6 +468,7 @@ def parse_table(
     access-style tables (Context.ACCESS) and actions `forbidden` for this key.
     """
     text = mode.subject(data)
+    marks = shadow.marked_lines(text, path)  # `# milters: shadow` comments
     problems: list[str] = []
     warnings: list[str] = []
     stack: list[tuple[Pattern, list[Rule | IfBlock], str]] = []
@@ -476,6 +482,8 @@ def parse_table(
                 if rule.action.kind in forbidden:
                     raise ConfigError(f"{where}: {rule.action.kind.value} cannot be used "
                                       f"in {key}")
+                if shadow.is_marked(marks, where):
+                    rule = replace(rule, shadow=True)
                 body.append(rule)
             elif line[:2].lower() == "if" and not (len(line) > 2 and _isalnum(line[2])):
                 pattern, _, after = _pattern(line[2:].lstrip(_SPACE), kind, mode, where,

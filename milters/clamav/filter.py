@@ -96,6 +96,7 @@ class ClamavFilter(Filter):
         except _AllFailed as exc:
             return self._failed(tx, exc.notes)
         ms = (time.perf_counter() - started) * 1000
+        self.env.metrics.clamd_scan(ms / 1000)
         notes.append(
             f"scan clamd={backend} bytes={result.scanned} ms={ms:.1f} "
             f"result={result.virus or 'clean'}{' truncated' if limit else ''}"
@@ -108,6 +109,7 @@ class ClamavFilter(Filter):
     def _infected(self, tx: Transaction, virus: str, backend: Backend,
                   notes: tuple[str, ...]) -> Verdict:
         reason = f"virus={virus} clamd={backend}"
+        self.env.metrics.virus()
         action = self.clamav.on_virus
         if action == "reject":
             r = self.reject_reply
@@ -192,6 +194,7 @@ class ClamavFilter(Filter):
                 raise
             except ClamdError as exc:
                 self._mark(backend, failed=True)
+                self.env.metrics.clamd_error(str(backend))
                 notes.append(f"clamd={backend} failed: {exc}")
                 continue
             self._mark(backend, failed=False)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from milters.core.errors import ConfigError
+from milters.core.metrics import check_listen
 from milters.core.sockets import parse_socket
 
 DEFAULT_CONFIG_PATH = "/etc/milters/milters.toml"
@@ -126,6 +127,12 @@ class GlobalSettings:
         "recipients never refused: user@domain, user@ (any domain), domain or .domain",
     )
     log_level: LogLevel = setting("info", "debug, info, warning or error")
+    metrics_listen: str = setting(
+        "",
+        "Prometheus metrics on loopback HOST:PORT, e.g. 127.0.0.1:9891; each filter adds "
+        "its chain position (dkim +0 ... checks +4); empty: off",
+        check_listen,
+    )
     dns: DnsSettings = setting(DnsSettings, "the [global.dns] table")
 
 

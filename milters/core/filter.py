@@ -10,11 +10,12 @@ from __future__ import annotations
 import abc
 import enum
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar
 
 from milters.core.config import FilterSettings, GlobalSettings
+from milters.core.metrics import NullMetrics
 from milters.core.model import Connection, Transaction
 from milters.core.resolver import Resolver
 from milters.core.verdict import Verdict
@@ -47,6 +48,8 @@ class Env:
     # Our filters enabled after this one: while any follows, a hold is handed on
     # to the last one instead of asked for here (core/hold.py).
     downstream: tuple[str, ...] = ()
+    # Prometheus counters (core/metrics.py); a no-op unless metrics_listen is set.
+    metrics: NullMetrics = field(default_factory=NullMetrics, compare=False)
 
     @cached_property
     def resolver(self) -> Resolver:

@@ -69,6 +69,7 @@ class Pipeline:
                 self.queue_id(tx), self.name, stage, type(exc).__name__,
                 traceback.format_exc().rstrip(),
             )
+            self.runtime.env.metrics.error(self.name, stage, exc)
             return error_verdict(self.runtime.policy, f"{type(exc).__name__} at {stage}")
 
     def _stage(self, stage: str, tx: Transaction | None, verdict: Verdict | None,
@@ -146,6 +147,7 @@ class Pipeline:
         return error_verdict(self.runtime.policy, what)
 
     def log(self, stage: str, tx: Transaction | None, verdict: Verdict, ms: float) -> None:
+        self.runtime.env.metrics.message(self.name, stage, verdict, ms)
         qid = self.queue_id(tx)
         for note in verdict.log_notes:
             log.info("queue_id=%s filter=%s %s", qid, self.name, note)

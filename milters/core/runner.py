@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from milters.core import metrics
 from milters.core.adapter import LibmilterError, open_socket, serve_forever
 from milters.core.config import Config
 from milters.core.errors import ConfigError, MiltersError
@@ -254,6 +255,7 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
                reload_config: Callable[[], Config]) -> int:
     """Serve filter `name` until SIGTERM. Returns the process exit status."""
     open_files = raise_open_file_limit()
+    exporter = metrics.start_exporter(cfg, name)  # before build: see core/metrics.py
     runtime = build(cfg, name)
     settings = cfg.filters[name]
     spec = parse_socket(settings.socket)
@@ -277,6 +279,7 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
     block_signals()
     sup = Supervisor(f"filter {name}", _forker(lambda: current[0], fd, open_files),
                      stop_signal=DRAIN_SIGNAL)
+    sup.on_exit = exporter.worker_exited
     for i in range(cfg.workers_of(name)):
         sup.start(f"worker {i + 1}")
 

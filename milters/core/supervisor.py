@@ -43,6 +43,9 @@ class Supervisor:
     children: dict[int, Child] = field(default_factory=dict)
     quick_deaths: dict[str, int] = field(default_factory=dict)
     stopping: bool = False
+    # Called with the pid of every child reaped, ours or not (the metrics exporter
+    # is forked outside `children`; core/metrics.py).
+    on_exit: Callable[[int], None] | None = None
 
     def start(self, slot: str) -> None:
         pid = self.spawn(slot)
@@ -71,6 +74,8 @@ class Supervisor:
                 return
             if pid == 0:
                 return
+            if self.on_exit is not None:
+                self.on_exit(pid)
             child = self.children.pop(pid, None)
             if child is None:
                 continue

@@ -217,7 +217,9 @@ class DmarcFilter(Filter):
         comment = f"p={ev.policy} dis={applied}" if ev.record else ""
         ar = AuthResult("dmarc", ev.result, comment=comment,
                         properties=(("header", "from", ev.header_from_domain),))
-        verdict = Verdict(reason=f"dmarc={ev.result} {ev.reason}".strip(), results=(ar,))
+        # The From domain in the summary line: `milters stats` gives pass rates per domain.
+        reason = f"dmarc={ev.result} header.from={ev.header_from_domain} {ev.reason}"
+        verdict = Verdict(reason=reason.strip(), results=(ar,))
         if ev.result == TEMPERROR and s.on_temperror == "tempfail":
             return replace(verdict, action=Action.TEMPFAIL, reply=REPLY_TEMPERROR), ""
         if applied == "reject":
