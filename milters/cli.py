@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from milters import __version__, client, registry
+from milters import __version__, chaincheck, client, registry
 from milters.core.config import Config, render_config
 from milters.core.errors import ConfigError, MiltersError
 from milters.core.logs import setup_logging
@@ -142,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
             On errors, print each one, naming the file, table and key, and exit
             with status {EX_CONFIG}. Table lines Postfix would skip with a
             warning are skipped with the same warning (shown as `warning:`
-            lines); --strict turns them into errors. With --sample, print the
+            lines). When Postfix's postconf is on this host, also warn where
+            smtpd_milters does not list the enabled filters in chain order (the
+            first filter removes forged Authentication-Results fields, dmarc
+            trusts the filters enabled before it, the last one applies holds:
+            a disabled filter must be disabled in the config too). --strict
+            turns all these warnings into errors. With --sample, print the
             fully commented sample config instead (every key with its
             default)."""),
     )
@@ -150,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", action="store_true",
                    help="print the commented sample config (conf/milters.toml)")
     p.add_argument("--strict", action="store_true",
-                   help="treat table warnings (lines Postfix would skip) as errors")
+                   help="treat warnings (table lines Postfix would skip, a Postfix "
+                        "chain that differs from the config's) as errors")
 
     p = sub.add_parser(
         "test", help="run a message through the filters offline",
@@ -480,7 +486,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not cfg.filters[args.name].enabled:
         log.warning("filter %s is disabled in %s; running it anyway as asked",
                     args.name, cfg.source)
+    _warn_about_the_chain(cfg)
     return run_filter(args.name, cfg, registry.build_runtime, lambda: registry.load(args.config))
+
+
+def _warn_about_the_chain(cfg: Config) -> list[str]:
+    """Log where Postfix's smtpd_milters and the config's chain disagree (chaincheck.py)."""
+    milters = chaincheck.postfix_milters()
+    if milters is None:
+        return []
+    problems = chaincheck.disagreements(cfg, milters)
+    for p in problems:
+        log.warning("chain: %s", p)
+    return problems
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -501,6 +519,13 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         described += [f"# {name}: {line}" for line in rt.filter.describe()]
         if args.strict:
             problems += [f"{name}: {w} (--strict)" for w in rt.filter.load_warnings()]
+    milters = chaincheck.postfix_milters()
+    if milters is not None:
+        for p in chaincheck.disagreements(cfg, milters):
+            if args.strict:
+                problems.append(f"{p} (--strict)")
+            else:
+                print(f"milters: warning: {p}", file=sys.stderr)
     if problems:
         raise ConfigError(problems=problems)
     sys.stdout.write(render_config(cfg))

@@ -38,7 +38,9 @@ def start(factory: ProcessFactory, tmp_path_factory: pytest.TempPathFactory,
         backends = ", ".join(f'"{s}"' for s in (sockets or (clamd.tcp,)))
         (d / "milters.toml").write_text(
             '[global]\nauthserv_id = "mx.test.example"\n'
-            f'[clamav]\nsocket = "inet:{port}@127.0.0.1"\n'
+            # Alone, as deployed alone: last in its chain, it holds itself (core/hold.py).
+            + "".join(f"[{n}]\nenabled = false\n" for n in ("dkim", "spf", "dmarc", "checks"))
+            + f'[clamav]\nsocket = "inet:{port}@127.0.0.1"\n'
             f"clamd_sockets = [{backends}]\nscan_timeout = 5.0\n{extra}\n"
         )
         argv = [sys.executable, "-m", "milters", "run", "clamav", "--config",
