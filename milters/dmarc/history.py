@@ -358,13 +358,7 @@ class BatchedHistory(HistoryStore):
             committed = False
             try:
                 if rows:
-                    conn = self._connection()
-                    try:
-                        self._insert(conn, rows)
-                        conn.commit()
-                    except Exception:
-                        conn.rollback()
-                        raise
+                    self._commit(rows)
                 committed = True
             finally:
                 if segment is not None:
@@ -375,19 +369,23 @@ class BatchedHistory(HistoryStore):
                 self._replay()
                 self._replayed_pid = os.getpid()
 
+    def _commit(self, rows: Sequence[tuple[object, ...]]) -> None:
+        """Insert `rows` in one transaction (call with _write_lock held)."""
+        conn = self._connection()
+        try:
+            self._insert(conn, rows)
+            conn.commit()
+        except Exception:  # any driver error: undo, and let the caller keep the rows
+            conn.rollback()
+            raise
+
     def _replay(self) -> None:
         """Insert the rows of dead processes' segments (call with _write_lock held)."""
         assert self.journal is not None
         for fd, path, rows in self.journal.orphans():
             try:
                 if rows:
-                    conn = self._connection()
-                    try:
-                        self._insert(conn, rows)
-                        conn.commit()
-                    except Exception:
-                        conn.rollback()
-                        raise
+                    self._commit(rows)
                     log.info("DMARC history %s: %d rows replayed from %s", self.where(),
                              len(rows), path)
                 path.unlink(missing_ok=True)
