@@ -319,6 +319,12 @@ def translate_pcre(
     r = _Reader(pattern)
     out: list[str] = []
     groups = 0
+    # PCRE scopes an option setting such as (?-i) to the rest of its group, branches
+    # after a `|` included; Python takes global flags only at the very start. So a
+    # setting elsewhere opens a scoped group, (?-i:, closed at each `|` of the same
+    # group (and opened again after it) and at the group's end. One frame per open
+    # group: the settings made in it so far.
+    frames: list[list[str]] = [[]]
     while r.more():
         c = r.take()
         if extended and c == "#":
@@ -341,7 +347,27 @@ def translate_pcre(
                 # never needs VERBOSE (whitespace we escaped stays literal).
                 extended = True
                 continue
+            if text.endswith(")") and text.startswith("(?") and len(text) > 3:
+                # An option setting, (?i) or (?s-m): global only at the very start.
+                if not out and len(frames) == 1:
+                    out.append(text)
+                else:
+                    opener = text[:-1] + ":"
+                    frames[-1].append(opener)
+                    out.append(opener)
+                continue
             out.append(text)
+            if text:
+                frames.append([])
+            continue
+        if c == "|":
+            settings = frames[-1]
+            out.append(")" * len(settings) + "|" + "".join(settings))
+            continue
+        if c == ")":
+            if len(frames) > 1:
+                out.append(")" * len(frames.pop()))
+            out.append(")")
             continue
         if c in "*+?":
             out.append(c + _quant_suffix(r, ungreedy))
@@ -357,10 +383,11 @@ def translate_pcre(
         if c == "$":
             out.append(r"\Z" if dollar_endonly and not multiline else "$")
             continue
-        if c in ".^|)":
+        if c in ".^":
             out.append(c)
             continue
         out.append(_char(c))
+    out.append(")" * len(frames[0]))
     return "".join(out)
 
 

@@ -200,3 +200,21 @@ def test_access_tables_still_refuse_unknown_actions(table: Table, checks: Checks
 
     with pytest.raises(ConfigError, match="unknown action 'FROB'"):
         checks(sender_checks=(table("/a/ FROB\n"),))
+
+
+@pytest.mark.parametrize(("pattern", "caseless", "matches", "misses"), [
+    # PCRE: an option setting lasts to the end of its group, later branches included.
+    (r"^X: (?-i)EXACT$", True, ["x: EXACT", "X: EXACT"], ["X: exact"]),
+    (r"(a(?i)b|c)d", False, ["abd", "aBd", "Cd"], ["ABd", "abD"]),
+    (r"a(?i)b|C", False, ["aB", "c", "C"], ["Ab"]),
+    (r"(?:x(?-i)Y|z)|W", True, ["XY", "xY", "w", "W"], ["xy", "Z"]),
+])
+def test_pcre_option_settings_are_scoped_as_in_pcre(pattern: str, caseless: bool,
+                                                    matches: list[str],
+                                                    misses: list[str]) -> None:
+    import re as std_re
+
+    from milters.checks.patterns import translate_pcre
+    rx = std_re.compile(translate_pcre(pattern), std_re.IGNORECASE if caseless else 0)
+    assert [m for m in matches if not rx.fullmatch(m)] == []
+    assert [m for m in misses if rx.fullmatch(m)] == []
