@@ -106,6 +106,7 @@ class ChecksFilter(Filter):
     may_change_recipients = True  # REDIRECT, BCC
     may_replace_body = True  # body and MIME-part line edits
     may_quarantine = True  # HOLD
+    decides_stages_again = True  # run_stages() at end of message
 
     def __init__(self, settings: FilterSettings, env: Env) -> None:
         if not isinstance(settings, ChecksSettings):

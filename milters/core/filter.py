@@ -88,6 +88,11 @@ class Filter(abc.ABC):
     # Authentication-Results methods this filter writes; it removes incoming
     # fields with our authserv-id that report them (core/authresults.py).
     ar_methods: ClassVar[frozenset[str]] = frozenset()
+    # The end-of-message check decides the early stages again (checks re-runs its
+    # client/helo/sender/recipient tables for their HOLD, BCC, PREPEND...): what
+    # an early stage let through is not carried to the end as well, or report
+    # mode would report it twice (core/pipeline.py).
+    decides_stages_again: ClassVar[bool] = False
 
     def __init__(self, settings: FilterSettings, env: Env) -> None:
         self.settings = settings

@@ -78,6 +78,8 @@ class Pipeline:
         if verdict is None:
             return None
         verdict = finalize_stage(verdict, self.runtime.policy, rcpt)
+        if verdict.action is Action.ACCEPT and self.runtime.filter.decides_stages_again:
+            return None  # decided again, and reported once, at end of message
         if verdict.action is Action.ACCEPT:
             if verdict.reason and not (verdict.quarantine or verdict.header_edits
                                        or verdict.add_rcpts or verdict.del_rcpts):

@@ -42,7 +42,8 @@ def factory() -> Iterator[ProcessFactory]:
 
 @pytest.fixture(scope="module")
 def start(factory: ProcessFactory, tmp_path_factory: pytest.TempPathFactory) -> Start:
-    def start(extra: str = "", header_checks: str = HEADER_CHECKS) -> tuple[ManagedProcess, str]:
+    def start(extra: str = "", header_checks: str = HEADER_CHECKS,
+              checks_extra: str = "") -> tuple[ManagedProcess, str]:
         d = tmp_path_factory.mktemp("checks")
         (d / "header_checks").write_text(header_checks)
         (d / "body_checks").write_text(BODY_CHECKS)
@@ -53,7 +54,7 @@ def start(factory: ProcessFactory, tmp_path_factory: pytest.TempPathFactory) -> 
             f'[checks]\nsocket = "inet:{port}@127.0.0.1"\n'
             f'header_checks = "regexp:{d}/header_checks"\n'
             f'body_checks = "regexp:{d}/body_checks"\n'
-            f'recipient_checks = "regexp:{d}/recipient_checks"\n'
+            f'recipient_checks = "regexp:{d}/recipient_checks"\n{checks_extra}\n'
         )
         config = str(d / "milters.toml")
         argv = [sys.executable, "-m", "milters", "run", "checks", "--config", config]
@@ -133,6 +134,28 @@ def test_report_mode(start: Start) -> None:
     assert r.verdict == "accept"
     assert any(e.name == "X-Milters-Report" and "would reject" in e.value
                for e in r.header_edits)
+
+
+@pytest.mark.parametrize(("table", "rule", "rcpt"), [
+    ("sender_checks", "/^a@example\\.com$/ REJECT no senders like you", "u@example.com"),
+    ("client_checks", "/^198\\.51\\.100\\.7$/ REJECT not from there", "u@example.com"),
+    ("helo_checks", "/^client\\.example$/ REJECT not that name", "u@example.com"),
+    ("", "", "nobody@example.com"),  # the module's recipient_checks
+])
+def test_report_mode_reports_an_early_refusal_once(start: Start, tmp_path: Path, table: str,
+                                                   rule: str, rcpt: str) -> None:
+    """Issue 10: a stage-table REJECT in report mode gave two X-Milters-Report
+    fields, the first nesting the text inside itself."""
+    extra = ""
+    if table:
+        (tmp_path / table).write_text(rule + "\n")
+        extra = f'{table} = "regexp:{tmp_path / table}"'
+    _, spec = start('mode = "report"', checks_extra=extra)
+    r = send(spec, "Subject: hi\r\n", rcpt=(rcpt,))
+    assert r.verdict == "accept"
+    reports = [e.value for e in r.header_edits if e.name == "X-Milters-Report"]
+    assert len(reports) == 1, reports
+    assert "would reject" in reports[0] and reports[0].count("would") == 1, reports
 
 
 def test_sighup_reloads_tables_and_refuses_a_broken_one(start: Start) -> None:
