@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa as crypto_rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
 
+from milters.core.domains import DomainList
 from milters.core.errors import TempError
 from milters.core.model import Header
 from milters.core.verdict import AuthResult
@@ -242,12 +243,8 @@ def _budgeted(lookup: TxtLookup, budget: float) -> TxtLookup:
 
 
 def ignored(domain: str, ignore_domains: Sequence[str]) -> bool:
-    d = domain.lower().rstrip(".")
-    for entry in ignore_domains:
-        e = entry.lower().rstrip(".")
-        if (e.startswith(".") and d.endswith(e)) or d == e:
-            return True
-    return False
+    """`domain` is in the list, by the one rule for domain lists (core/domains.py)."""
+    return bool(ignore_domains) and domain in DomainList.of(ignore_domains)
 
 
 # -- the tag-list (RFC 6376 §3.2) and the signature's tags (§3.5) -----------------------

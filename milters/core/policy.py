@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from milters.core.domains import DomainList
 from milters.core.verdict import (
     REPLY_INTERNAL_ERROR,
     REPLY_REJECT,
@@ -67,10 +68,7 @@ def is_bypassed(rcpt: str, patterns: Sequence[str]) -> bool:
                     return True
             elif address == e:
                 return True
-        elif e.startswith("."):
-            if domain.endswith(e):
-                return True
-        elif domain == e:
+        elif domain in DomainList.of((e,)):  # domain or .domain (core/domains.py)
             return True
     return False
 

@@ -21,6 +21,7 @@ from dataclasses import replace
 from milters.core import authresults
 from milters.core.config import FilterSettings
 from milters.core.dkim_verify import dkim_headers, verify_all
+from milters.core.domains import DomainList
 from milters.core.filter import Env, Filter, Stage
 from milters.core.model import Transaction
 from milters.core.spf_eval import check_host
@@ -49,15 +50,8 @@ REPLY_TEMPERROR = Reply("451", "4.4.3", "cannot look up the DMARC policy now, tr
 
 
 def listed(domain: str, entries: Sequence[str]) -> bool:
-    """`domain` is an entry, or under a `.parent` entry."""
-    for entry in entries:
-        e = entry.strip().lower().rstrip(".")
-        if e.startswith("."):
-            if domain.endswith(e) or domain == e[1:]:
-                return True
-        elif domain == e:
-            return True
-    return False
+    """`domain` is an entry, or a sub-domain of a `.parent` entry (core/domains.py)."""
+    return domain in DomainList.of(entries)
 
 
 def _domain_of(address: str) -> str:

@@ -125,9 +125,14 @@ def test_quarantine_hold_tag_accept(make: Make, dns: LoopbackDNS) -> None:
 
 
 def test_never_reject_domains(make: Make, reject_policy: LoopbackDNS) -> None:
-    v = make(reject_failures=True, never_reject_domains=(".example.com",)).check(
+    v = make(reject_failures=True, never_reject_domains=("example.com",)).check(
         transaction(MSG))
     assert v.action is Action.ACCEPT and dmarc_of(v)[0] == "fail"
+    # One rule for domain lists (core/domains.py): .example.com is its sub-domains
+    # only, as documented; it used to cover example.com itself here alone.
+    v = make(reject_failures=True, never_reject_domains=(".example.com",)).check(
+        transaction(MSG))
+    assert v.action is Action.REJECT
 
 
 def test_internal_and_authenticated_skipped(make: Make, reject_policy: LoopbackDNS) -> None:
