@@ -250,20 +250,17 @@ class Table:
 Possible = frozenset[int] | None
 
 
+def _search(pattern: Pattern, subject: str, budget: Budget, source: str
+            ) -> rx.Match[str] | re.Match[str] | None:
+    try:
+        return pattern.search(subject, budget)
+    except TimeoutError:
+        raise MatchOverrun(source, budget.seconds or 0.0) from None
+
+
 def _lookup(items: Sequence[Rule | IfBlock], subject: str, budget: Budget) -> Hit | None:
     for item in items:
-        pattern = item.pattern
-        try:
-            # The common case inline (a bounded search by re, cost.py): this loop
-            # runs once per rule per line.
-            if len(subject) <= pattern.free_length:
-                m = pattern.fast(subject)
-            elif pattern.prefixes is not None and pattern.prefixes.rule_out(subject):
-                m = None  # another field's line: no engine call at all
-            else:
-                m = pattern.search(subject, budget)
-        except TimeoutError:
-            raise MatchOverrun(item.source, budget.seconds or 0.0) from None
+        m = _search(item.pattern, subject, budget, item.source)
         if (m is not None) == item.pattern.negated:
             continue
         if isinstance(item, IfBlock):
@@ -271,8 +268,10 @@ def _lookup(items: Sequence[Rule | IfBlock], subject: str, budget: Budget) -> Hi
             if hit is not None:
                 return hit
             continue
+        # regexp: `/pat1/!/pat2/`: the second pattern too, within the same budget.
         also = item.also
-        if also is not None and (also.match(subject) is not None) == also.negated:
+        if also is not None and (
+                _search(also, subject, budget, item.source) is not None) == also.negated:
             continue
         if item.shadow:  # watched only: noted, and lookup goes on (checks/shadow.py)
             shadow.saw(item, item.action.text.expand(m.group if m else lambda _: ""), subject)
