@@ -43,7 +43,7 @@ CONNECT_MACROS = ("j", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}", "
                   "{client_addr}", "{client_name}", "{client_port}", "{client_ptr}")
 MAIL_MACROS = ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr}",
                "{mail_host}", "{mail_mailer}")
-EOM_MACROS = ("i", "{msg_id}")
+EOM_MACROS = ("i",)
 
 # libmilter's ctx_state while a callback runs (engine.c ST_*).
 _ST_CONN = 2
@@ -286,7 +286,10 @@ class Session(Milter.Base):  # type: ignore[misc]
         tx = self.tx
         if tx is None:
             raise ProtocolViolation("end of message before MAIL")
-        self._macros(EOM_MACROS, tx.macros)
+        if not tx.queue_id:
+            # The queue id for the log line; a read costs tens of microseconds,
+            # so only when MAIL did not already bring it.
+            self._macros(EOM_MACROS, tx.macros)
         outcome = self.pipeline.end_of_message(tx)
         verdict = outcome.verdict
         try:

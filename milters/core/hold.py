@@ -50,22 +50,17 @@ def hand_on(verdict: Verdict, headers: Sequence[Header], filter_name: str,
     `first`: no filter of ours runs before this one, so every incoming mark is
     forged. `last`: none runs after it, so this one applies the holds.
     """
-    if first and last:
-        # Alone: no mark can be ours; remove any, hold for ourselves as asked.
-        occurrences, _ = _marks(headers, authserv_id)
-        return _deleting(verdict, occurrences) if occurrences else verdict
-    if last:
+    if first or last:
         occurrences, reasons = _marks(headers, authserv_id)
-        if not occurrences:
+        if first:
+            reasons = []  # nothing of ours ran before: every mark came from outside
+        if occurrences:
+            verdict = _deleting(verdict, occurrences)
+        if last:
+            if reasons and verdict.action is Action.ACCEPT:  # a refusal beats a hold
+                held = "; ".join([*reasons, *filter(None, [verdict.quarantine])])
+                verdict = replace(verdict, quarantine=held[:200])
             return verdict
-        verdict = _deleting(verdict, occurrences)
-        if verdict.action is not Action.ACCEPT:
-            return verdict  # a refusal beats a hold
-        held = "; ".join([*reasons, *([verdict.quarantine] if verdict.quarantine else [])])
-        return replace(verdict, quarantine=held[:200])
-    if first:
-        occurrences, _ = _marks(headers, authserv_id)
-        verdict = _deleting(verdict, occurrences) if occurrences else verdict
     if verdict.quarantine and verdict.action is Action.ACCEPT:
         mark = HeaderEdit(EditKind.ADD, FIELD_NAME,
                           f"{authserv_id}; {filter_name}: {verdict.quarantine}")
