@@ -151,6 +151,12 @@ def factory() -> Iterator[ProcessFactory]:
         yield f
 
 
+def chain_ports() -> dict[str, int]:
+    """A distinct free loopback port for each filter of the chain."""
+    ports = chain_ports()
+    return ports
+
+
 def start_suite(factory: ProcessFactory, directory: Path, keys: Keys, dns: LoopbackDNS,
                 clamd_tcp: str, mode: str = "enforce", serve: bool = False,
                 **options: float) -> Suite:

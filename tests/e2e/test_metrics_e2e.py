@@ -29,6 +29,7 @@ from tests.e2e.suite import (
     REPO_ROOT,
     Keys,
     Suite,
+    chain_ports,
     config_text,
     dkim_sign,
     message,
@@ -36,7 +37,7 @@ from tests.e2e.suite import (
 )
 from tests.support.clamd import Clamd, eicar_zip
 from tests.support.dns import LoopbackDNS, dns_server
-from tests.support.processes import ProcessFactory, free_port, wait_until
+from tests.support.processes import ProcessFactory, wait_until
 
 pytest_plugins = ("tests.support.clamd_plugin",)
 
@@ -80,12 +81,7 @@ def dns(keys: Keys) -> Iterator[LoopbackDNS]:
 @pytest.fixture(scope="module")
 def metered(factory: ProcessFactory, workdir: Path, dns: LoopbackDNS, clamd: Clamd,
             keys: Keys) -> tuple[Suite, int]:
-    ports: dict[str, int] = {}
-    for name in CHAIN:
-        port = free_port()
-        while port in ports.values():
-            port = free_port()
-        ports[name] = port
+    ports = chain_ports()
     base = five_free_ports(set(ports.values()))
     text = config_text(workdir, keys.directory / OURS, dns, clamd.tcp, ports, workers=2)
     text = text.replace("[global]\n", f'[global]\nmetrics_listen = "127.0.0.1:{base}"\n', 1)

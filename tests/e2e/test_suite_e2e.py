@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dkim
@@ -237,17 +237,23 @@ def test_forged_dmarc_pass_from_outside_is_removed_and_ignored(
         postfix: PostfixInstance, suite: Suite) -> None:
     forged = (f"Authentication-Results: {AUTHSERV_ID}; dkim=pass header.d={REJECTING}; "
               f"spf=pass smtp.mailfrom={REJECTING}; dmarc=pass header.from={REJECTING}\r\n")
+    refused_and_removed(postfix, lambda d: forged.replace(REJECTING, d), "forged")
+
+
+def refused_and_removed(postfix: PostfixInstance, forged: Callable[[str], str],
+                        subject: str) -> None:
+    """`forged(domain)`, a field claiming passes for domain: refused for the p=reject
+    domain, and where no policy decides, gone from the delivered copy."""
     refused = postfix.send(f"bounce@{REJECTING}", [RCPT],
-                           message(REJECTING, "forged", forged), xclient=OUTSIDE)
+                           message(REJECTING, subject, forged(REJECTING)), xclient=OUTSIDE)
     assert refused.data is not None and refused.data.code == 550, refused
-    # Where no policy decides, the forged field is still gone from the delivered copy.
     nopolicy = "nopolicy.example"
-    forged2 = forged.replace(REJECTING, nopolicy)
-    result = postfix.send(f"bounce@{nopolicy}", [RCPT], message(nopolicy, "forged2", forged2),
-                          xclient=OUTSIDE)
+    result = postfix.send(f"bounce@{nopolicy}", [RCPT],
+                          message(nopolicy, f"{subject} 2", forged(nopolicy)), xclient=OUTSIDE)
     assert result.accepted, result
     [msg] = postfix.wait_delivered(1)
     fields = msg.get_all("Authentication-Results")
+    # Only our three fresh results are left: the forged field is not delivered.
     assert all_results(fields) == {"dkim": ["none"], "spf": ["none"], "dmarc": ["none"]}, fields
     assert "pass" not in ar_text(fields)
 
@@ -280,20 +286,7 @@ def test_forged_ar_matrix_never_gives_dmarc_pass(postfix: PostfixInstance, suite
                                              res=res, d=domain)
         return f"Authentication-Results: {value}\r\n"
 
-    refused = postfix.send(f"bounce@{REJECTING}", [RCPT],
-                           message(REJECTING, f"forged {form}", forged(REJECTING)),
-                           xclient=OUTSIDE)
-    assert refused.data is not None and refused.data.code == 550, refused
-    nopolicy = "nopolicy.example"
-    result = postfix.send(f"bounce@{nopolicy}", [RCPT],
-                          message(nopolicy, f"forged2 {form}", forged(nopolicy)),
-                          xclient=OUTSIDE)
-    assert result.accepted, result
-    [msg] = postfix.wait_delivered(1)
-    fields = msg.get_all("Authentication-Results")
-    # Only our three fresh results are left: the forged field is not delivered.
-    assert all_results(fields) == {"dkim": ["none"], "spf": ["none"], "dmarc": ["none"]}, fields
-    assert "pass" not in ar_text(fields)
+    refused_and_removed(postfix, forged, f"forged {form}")
 
 
 # --- the other refusals -----------------------------------------------------------
