@@ -153,7 +153,12 @@ def factory() -> Iterator[ProcessFactory]:
 
 def chain_ports() -> dict[str, int]:
     """A distinct free loopback port for each filter of the chain."""
-    ports = chain_ports()
+    ports: dict[str, int] = {}
+    for name in CHAIN:
+        port = free_port()
+        while port in ports.values():
+            port = free_port()
+        ports[name] = port
     return ports
 
 
@@ -162,12 +167,7 @@ def start_suite(factory: ProcessFactory, directory: Path, keys: Keys, dns: Loopb
                 **options: float) -> Suite:
     """Start the five filters with one config; return once every port accepts."""
     directory.mkdir(parents=True, exist_ok=True)
-    ports: dict[str, int] = {}
-    for name in CHAIN:
-        port = free_port()
-        while port in ports.values():
-            port = free_port()
-        ports[name] = port
+    ports = chain_ports()
     config_path = directory / f"milters-{mode}-{'serve' if serve else 'run'}.toml"
     text = config_text(directory, keys.directory / OURS, dns, clamd_tcp, ports, mode=mode,
                        **options)
