@@ -360,14 +360,6 @@ def _read_props(s: _Scanner) -> dict[str, str]:
         props.setdefault(f"{ptype}.{prop}", pvalue)
 
 
-def parse_results(value: str | bytes) -> tuple[str, list[ArResult]] | None:
-    """The authserv-id and results of a well-formed field; None for anything else."""
-    field = read_field(value)
-    if field is None or field.results is None:
-        return None
-    return field.authserv_id, list(field.results)
-
-
 def trusted_results(values: Iterable[bytes], trusted_ids: Collection[str],
                     limit: int = MAX_TRUSTED_FIELDS) -> Iterator[ArField]:
     """The well-formed fields whose authserv-id is trusted, at most `limit` of them.
