@@ -42,7 +42,11 @@ class ProbeMilter:
         """Recorded callbacks in order, all or only those named `event`."""
         if not self.record.exists():
             return []
-        entries = [json.loads(line) for line in self.record.read_text().splitlines() if line]
+        # The probe may be writing a line (the close event comes after Postfix's
+        # answer): only lines it has finished, those ending in a newline, are read.
+        text = self.record.read_text()
+        complete = text[: text.rfind("\n") + 1]
+        entries = [json.loads(line) for line in complete.splitlines() if line]
         return [e for e in entries if event is None or e["event"] == event]
 
     def headers(self) -> list[tuple[str, bytes]]:
