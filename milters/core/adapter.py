@@ -23,13 +23,13 @@ from typing import Any
 import Milter
 import milter
 
-from milters.core import authresults
 from milters.core.filter import Stage
 from milters.core.macroreader import LayoutError, MacroReader, Macros
 from milters.core.model import Connection, Header, Transaction, unbracket
 from milters.core.pipeline import Pipeline
+from milters.core.plan import OpKind, Plan
 from milters.core.runtime import Runtime, SessionCounter
-from milters.core.verdict import ABOVE_RECEIVED, Action, EditKind, HeaderEdit, Reply, Verdict
+from milters.core.verdict import Action, Reply, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ class Session(Milter.Base):  # type: ignore[misc]
         outcome = self.pipeline.end_of_message(tx)
         verdict = outcome.verdict
         try:
-            rc = self._carry_out(tx, verdict)
+            rc = self._carry_out(verdict, outcome.plan)
         except Exception:  # the MTA refused an action: on_error, keep serving
             verdict = self.pipeline.failed(tx, "carrying out the verdict failed")
             rc = self._answer(verdict) if verdict.action is not Action.ACCEPT else Milter.ACCEPT
@@ -301,57 +301,30 @@ class Session(Milter.Base):  # type: ignore[misc]
         self._drop_tx()
         return int(rc)
 
-    def _carry_out(self, tx: Transaction, verdict: Verdict) -> int:
+    def _carry_out(self, verdict: Verdict, plan: Plan) -> int:
+        """Replay the plan the pipeline made (core/plan.py), operation by operation."""
         if verdict.action is not Action.ACCEPT:
             return self._answer(verdict)
-        rt = self.runtime
         leadspc = bool(self._protocol & Milter.P_HDR_LEADSPC)
-        # Positional inserts first, bottom-up (a stable sort keeps the order of equal
-        # positions), so earlier positions stay valid.
-        inserts = sorted((e for e in verdict.header_edits if e.kind is EditKind.INSERT),
-                         key=lambda e: e.index, reverse=True)
-        for e in inserts:
-            self._insert(e, leadspc)
-        # Changes and deletions by occurrence, highest first per name, merged with
-        # the removal of forged Authentication-Results fields. Postfix counts
-        # occurrences in the header as already edited: inserted fields of the
-        # same name above a target move it down.
-        forged = authresults.forged_fields(
-            tx.headers, rt.env.global_.authserv_id, rt.strip_all_forged, rt.filter.ar_methods
-        )
-        changes = [e for e in verdict.header_edits if e.kind in (EditKind.CHANGE, EditKind.DELETE)]
-        changes += [HeaderEdit(EditKind.DELETE, authresults.FIELD_NAME, index=i) for i in forged]
-        for e in sorted(changes, key=lambda e: (e.name.lower(), -e.index)):
-            value = None if e.kind is EditKind.DELETE else _value(e.value, leadspc)
-            self.chgheader(_wire(e.name), _shifted(tx, e, inserts), value)
-        for e in verdict.header_edits:
-            if e.kind is EditKind.ADD:
-                self.addheader(_wire(e.name), _value(e.value, leadspc))
-        for rcpt in verdict.del_rcpts:
+        for op in plan.header_ops:
+            if op.kind is OpKind.INSERT:
+                self.addheader(_wire(op.name), _value(op.value, leadspc), op.index)
+            elif op.kind is OpKind.APPEND:
+                self.addheader(_wire(op.name), _value(op.value, leadspc))
+            else:
+                value = None if op.kind is OpKind.DELETE else _value(op.value, leadspc)
+                self.chgheader(_wire(op.name), op.index, value)
+        for rcpt in plan.del_rcpts:
             self.delrcpt(_wire(f"<{rcpt}>"))
-        for rcpt in verdict.add_rcpts:
+        for rcpt in plan.add_rcpts:
             self.addrcpt(_wire(f"<{rcpt}>"))
-        if verdict.replace_body is not None:
-            body = verdict.replace_body
+        if plan.replace_body is not None:
+            body = plan.replace_body
             for i in range(0, max(len(body), 1), 65535):
                 self.replacebody(body[i : i + 65535])
-        if verdict.results:
-            # RFC 8601 §5: at the very top, above the Received field Postfix adds.
-            # Last, after the forged fields of the same name are gone, so that it
-            # shifts no occurrence number above.
-            value = authresults.fold(
-                authresults.format_value(rt.env.global_.authserv_id, verdict.results)
-            )
-            self._insert(HeaderEdit(EditKind.INSERT, authresults.FIELD_NAME, value,
-                                    ABOVE_RECEIVED), leadspc)
-        if verdict.quarantine:
-            self.quarantine(_wire(verdict.quarantine))
+        if plan.quarantine:
+            self.quarantine(_wire(plan.quarantine))
         return int(Milter.ACCEPT)
-
-    def _insert(self, edit: HeaderEdit, leadspc: bool) -> None:
-        # Postfix counts its own hidden Received field as position 0: "before the
-        # field we saw at 0-based position p" is index p + 1, ABOVE_RECEIVED (-1) is 0.
-        self.addheader(_wire(edit.name), _value(edit.value, leadspc), edit.index + 1)
 
     def _abort(self) -> int:
         self._drop_tx()
@@ -370,21 +343,6 @@ class Session(Milter.Base):  # type: ignore[misc]
         if self.tx is not None:
             self.tx.close()
         self.tx = None
-
-
-def _shifted(tx: Transaction, edit: HeaderEdit, inserts: list[HeaderEdit]) -> int:
-    """The occurrence number of `edit`'s target once `inserts` are in place."""
-    name = edit.name.lower()
-    seen = 0
-    position = len(tx.headers)
-    for i, h in enumerate(tx.headers):
-        if h.name.lower() == name:
-            seen += 1
-            if seen == edit.index:
-                position = i
-                break
-    above = sum(1 for e in inserts if e.name.lower() == name and e.index <= position)
-    return edit.index + above
 
 
 def _value(value: str, leadspc: bool) -> str:

@@ -14,9 +14,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from milters.core import hold
+from milters.core import authresults, hold
 from milters.core.filter import Stage
 from milters.core.model import Connection, Transaction
+from milters.core.plan import Plan, make_plan
 from milters.core.policy import (
     describe,
     error_verdict,
@@ -33,10 +34,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Outcome:
-    """A final verdict and how long the decision took."""
+    """A final verdict, the edits that carry it out, and how long the decision took."""
 
     verdict: Verdict
     ms: float
+    plan: Plan = Plan()
 
 
 class Pipeline:
@@ -140,7 +142,17 @@ class Pipeline:
             verdict = replace(verdict, header_edits=(*verdict.header_edits, report_edit(text)))
         self.tx_pending = []
         self.tx_notes = []
-        return Outcome(verdict, (time.perf_counter() - started) * 1000)
+        plan = self.plan(tx, verdict) if verdict.action is Action.ACCEPT else Plan()
+        return Outcome(verdict, (time.perf_counter() - started) * 1000, plan)
+
+    def plan(self, tx: Transaction, verdict: Verdict) -> Plan:
+        """The milter operations for an accepting verdict, the removal of forged
+        Authentication-Results fields included (core/plan.py)."""
+        rt = self.runtime
+        authserv_id = rt.env.global_.authserv_id
+        forged = authresults.forged_fields(tx.headers, authserv_id, rt.strip_all_forged,
+                                           rt.filter.ar_methods)
+        return make_plan(verdict, tx.headers, authserv_id, forged)
 
     def failed(self, tx: Transaction | None, what: str) -> Verdict:
         """Carrying out a verdict failed (MTA refused an action): on_error."""
