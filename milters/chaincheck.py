@@ -17,6 +17,7 @@ import re
 import shutil
 import subprocess
 
+from milters import registry
 from milters.core.config import Config
 from milters.core.sockets import SocketSpec, parse_socket
 
@@ -53,8 +54,7 @@ def _same(a: SocketSpec, b: SocketSpec) -> bool:
 
 def disagreements(cfg: Config, milters: list[str]) -> list[str]:
     """What differs between the enabled filters (chain order) and smtpd_milters."""
-    enabled = [(name, parse_socket(fs.socket)) for name, fs in cfg.filters.items()
-               if fs.enabled]
+    enabled = [(name, parse_socket(cfg.filters[name].socket)) for name in registry.units(cfg)]
     listed: list[SocketSpec] = []
     for entry in milters:
         try:

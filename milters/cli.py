@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"milters {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    names = ", ".join(registry.FILTERS)
+    names = ", ".join(registry.RUNNABLE)
 
     p = sub.add_parser(
         "run", help="run one filter in the foreground",
@@ -260,13 +260,18 @@ def _add_server(sub: argparse._SubParsersAction[argparse.ArgumentParser], names:
         "is-enabled", help="exit 0 if a filter is enabled in the config, 1 if not",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(f"""\
-            Say whether the filter NAME ({names}) is enabled in the config, and
-            exit 0 if it is, 1 if it is not. milters@.service runs this as its
-            ExecCondition, so milters.target starts only the enabled filters.
+            Say whether NAME ({names}) is served under the config: an enabled
+            filter on its own socket, dkim-sign when dkim signs last, chain when
+            [chain] is enabled (then the filters are its steps, not served alone).
+            Exit 0 if it is, 1 if it is not. milters@.service runs this as its
+            ExecCondition, so milters.target starts only what is served.
             A config with errors gives 255, so that systemd marks the unit failed
             (with the errors in its journal) rather than skipped."""),
     )
     p.add_argument("name", metavar="NAME", help=f"the filter: {names}")
+    p.add_argument("--in-chain", action="store_true",
+                   help="enabled as a filter at all, on its own socket or as a step of "
+                        "[chain] (the DMARC report units ask this)")
     _add_config(p)
 
 
@@ -483,9 +488,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = registry.load(args.config)
     registry.filter_class(args.name)
     setup_logging(cfg.global_.log_level)
-    if not cfg.filters[args.name].enabled:
-        log.warning("filter %s is disabled in %s; running it anyway as asked",
-                    args.name, cfg.source)
+    if args.name not in registry.units(cfg):
+        log.warning("%s is not served under %s (disabled, or a step of [chain]); "
+                    "running it anyway as asked", args.name, cfg.source)
     _warn_about_the_chain(cfg)
     return run_filter(args.name, cfg, registry.build_runtime, lambda: registry.load(args.config))
 
@@ -508,9 +513,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = registry.load(args.config)
     problems: list[str] = []
     described: list[str] = []
-    for name, fs in cfg.filters.items():
-        if not fs.enabled:
-            continue
+    for name in registry.units(cfg):
         try:
             rt = registry.build_runtime(cfg, name)
         except ConfigError as exc:
@@ -732,9 +735,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg = registry.load(args.config)
     setup_logging(cfg.global_.log_level)
-    for name, fs in cfg.filters.items():
-        if fs.enabled:
-            registry.build_runtime(cfg, name)  # refuse to start on a bad table or key
+    for name in registry.units(cfg):
+        registry.build_runtime(cfg, name)  # refuse to start on a bad table or key
     state: dict[str, Config] = {"cfg": cfg}
 
     def spawn(name: str) -> int:
@@ -753,7 +755,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     block_signals()
     sup = Supervisor("serve", spawn)
-    enabled = [n for n, fs in cfg.filters.items() if fs.enabled]
+    enabled = list(registry.units(cfg))
     if not enabled:
         log.error("serve: no filter is enabled in %s", cfg.source)
         return EX_CONFIG
@@ -764,9 +766,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     def on_reload() -> None:
         try:
             new = registry.load(args.config)
-            for name, fs in new.filters.items():
-                if fs.enabled:
-                    registry.build_runtime(new, name)
+            for name in registry.units(new):
+                registry.build_runtime(new, name)
         except ConfigError as exc:
             log.error("serve: reload refused, keeping the running configuration:\n%s", exc)
             return
@@ -776,7 +777,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             if child.retiring:
                 continue
             fs = new.filters[child.slot]
-            if not fs.enabled:
+            if child.slot not in registry.units(new):
                 sup.retire([pid])
             elif fs.socket != old.filters[child.slot].socket:
                 sup.retire([pid])
@@ -784,8 +785,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             else:
                 os.kill(pid, signal.SIGHUP)
         running = set(sup.slots())
-        for name, fs in new.filters.items():
-            if fs.enabled and name not in running:
+        for name in registry.units(new):
+            if name not in running:
                 sup.start(name)
         log.info("serve: configuration reloaded from %s", new.source)
 
@@ -811,7 +812,7 @@ def cmd_install(args: argparse.Namespace) -> int:
         prefix=Path(args.prefix),
         executable=args.executable or install.find_executable(),
         sample_config=registry.sample_config(),
-        filter_names=tuple(registry.FILTERS),
+        filter_names=registry.RUNNABLE,
         user=args.user,
         systemd=args.systemd,
         dry_run=args.dry_run,
@@ -832,7 +833,11 @@ def cmd_is_enabled(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"milters: configuration error:\n{_indent(str(exc))}", file=sys.stderr)
         return 255
-    enabled = cfg.filters[args.name].enabled
+    if args.in_chain:
+        enabled = args.name in registry.chain_steps(cfg) or (
+            args.name == registry.CHAIN and registry.chain_mode(cfg))
+    else:
+        enabled = args.name in registry.units(cfg)
     print(f"{args.name}: {'enabled' if enabled else 'disabled'} in {cfg.source}")
     return 0 if enabled else 1
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from milters import registry
 from milters.client import DEFAULT_MACRO_LISTS
 from milters.core.config import Config
 from milters.core.errors import MiltersError
@@ -41,9 +42,8 @@ UNIT_DIR = "etc/systemd/system"
 
 
 def postfix_main_cf(cfg: Config) -> str:
-    """The main.cf lines for the enabled filters, in chain order (registry.FILTERS)."""
-    enabled = [(name, parse_socket(fs.socket)) for name, fs in cfg.filters.items()
-               if fs.enabled]
+    """The main.cf lines for what `serve` starts, in chain order (registry.units)."""
+    enabled = [(name, parse_socket(cfg.filters[name].socket)) for name in registry.units(cfg)]
     lines = [
         "# milters: add to /etc/postfix/main.cf, then `postfix reload`.",
         "# (`milters postfix-config` prints these lines for the config in force.)",
@@ -52,13 +52,25 @@ def postfix_main_cf(cfg: Config) -> str:
     ]
     if enabled:
         width = max(len(name) for name, _ in enabled)
-        lines += [
-            "# The enabled filters in chain order. Postfix calls them in this order, so",
-            "# DMARC sees the DKIM and SPF results the filters before it added, and the",
-            "# content checks run last. The first one removes forged",
-            "# Authentication-Results fields that claim our authserv-id.",
-            *(f"#   {name:<{width}}  {spec.postfix}" for name, spec in enabled),
-        ]
+        if registry.chain_mode(cfg):
+            lines += [
+                "# Chain mode ([chain] enabled): one socket runs every enabled filter in",
+                "# one dialogue per message, in chain order: "
+                f"{', '.join(registry.chain_steps(cfg))}.",
+            ]
+        else:
+            lines += [
+                "# The enabled filters in chain order. Postfix calls them in this order, so",
+                "# DMARC sees the DKIM and SPF results the filters before it added, and the",
+                "# content checks run last. The first one removes forged",
+                "# Authentication-Results fields that claim our authserv-id.",
+            ]
+        if registry.SIGN_STEP in registry.chain_steps(cfg):
+            lines += [
+                "# dkim verifies first, on mail as received; dkim-sign signs last, after",
+                "# every edit of the other filters, so that the signature covers them.",
+            ]
+        lines += [f"#   {name:<{width}}  {spec.postfix}" for name, spec in enabled]
         if any(spec.family == "unix" for _, spec in enabled):
             lines += [
                 "# smtpd and cleanup run chrooted in /var/spool/postfix on Debian: a unix",
@@ -157,7 +169,7 @@ def systemd_unit(executable: str = PLACEHOLDER_EXECUTABLE, user: str = DEFAULT_U
     exe = shlex.quote(executable)
     return f"""\
 # One filter of the milters suite: milters@dkim.service, milters@spf.service, ...
-# milters.target starts all five; this unit's ExecCondition skips a filter that
+# milters.target starts what the config serves; this unit's ExecCondition skips a filter that
 # is not enabled in /etc/milters/milters.toml. Local changes: a drop-in
 # (systemctl edit milters@.service), not this file: `milters install` rewrites it.
 [Unit]
@@ -261,7 +273,7 @@ Type=oneshot
 User={user}
 Group={user}
 # Exit 1 (dmarc disabled in the config): skipped, not failed.
-ExecCondition={exe} is-enabled dmarc
+ExecCondition={exe} is-enabled --in-chain dmarc
 ExecStart={exe} {command}
 # The history, its crash journal, the sent-report log and the failure spool are in
 # /var/lib/milters; the config (and report_smtp_password_file) in /etc/milters.

@@ -23,6 +23,7 @@ from typing import Any
 import Milter
 import milter
 
+from milters.core.chain import ChainFilter, ChainPipeline
 from milters.core.filter import Stage
 from milters.core.macroreader import LayoutError, MacroReader, Macros
 from milters.core.model import Connection, Header, Transaction, unbracket
@@ -73,6 +74,7 @@ class Session(Milter.Base):  # type: ignore[misc]
     """Callbacks for one SMTP connection. Subclassed per filter by `adapter_class`."""
 
     runtime: Runtime
+    pipeline_class: type[Pipeline]  # ChainPipeline for the chain's one socket
     sessions: SessionCounter
     actions: int  # action_flags(runtime), once per class, not per connection
     macro_reader: MacroReader
@@ -85,7 +87,7 @@ class Session(Milter.Base):  # type: ignore[misc]
 
     def __init__(self) -> None:
         self.conn = Connection()
-        self.pipeline = Pipeline(self.runtime, self.conn)
+        self.pipeline = self.pipeline_class(self.runtime, self.conn)
         self.tx: Transaction | None = None
         # A refusal for the rest of the connection (protocol violation, limit),
         # and one for the rest of the message (an error where no answer could go).
@@ -368,7 +370,9 @@ def adapter_class(runtime: Runtime, sessions: SessionCounter, macro_reader: Macr
     """A Session subclass with exactly the callbacks this filter needs."""
     needed = runtime.needed
     bypass = bool(runtime.policy.bypass_recipients)
+    chain = isinstance(runtime.filter, ChainFilter)
     ns: dict[str, Any] = {"runtime": runtime, "sessions": sessions,
+                          "pipeline_class": ChainPipeline if chain else Pipeline,
                           "actions": action_flags(runtime), "macro_reader": macro_reader,
                           "max_connections": max_connections, "current": threading.local()}
 

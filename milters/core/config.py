@@ -76,6 +76,11 @@ def check_socket(value: str) -> str | None:
     return None
 
 
+def check_optional_socket(value: str) -> str | None:
+    """A socket, or empty for none."""
+    return check_socket(value) if value else None
+
+
 def auto_workers() -> int:
     """workers = 0: at least 2 (one busy message never blocks the filter), one
     per CPU, at most 8."""
@@ -168,6 +173,9 @@ class Config:
     source: str  # the file it came from, or "(built-in defaults)"
     global_: GlobalSettings
     filters: Mapping[str, FilterSettings]
+    # Entries of `filters` made from another table, not tables of their own
+    # (dkim's signing step, registry.with_sign_step).
+    derived: frozenset[str] = frozenset()
 
     def filter(self, name: str) -> FilterSettings:
         return self.filters[name]
@@ -397,7 +405,8 @@ def render_config(cfg: Config) -> str:
     lines = [f"# effective configuration from {cfg.source}"]
     lines += _render_table("global", cfg.global_)
     for name, fs in cfg.filters.items():
-        lines += _render_table(name, fs)
+        if name not in cfg.derived:
+            lines += _render_table(name, fs)
     return "\n".join(lines) + "\n"
 
 

@@ -112,8 +112,9 @@ class Pipeline:
         v = self._guarded("mail", tx, lambda: self.runtime.filter.on_mail(tx))
         return self._stage("mail", tx, v)
 
-    def rcpt(self, tx: Transaction, address: str) -> Verdict | None:
-        """Decide about one recipient; an accepted one is added to tx.rcpt_to."""
+    def rcpt(self, tx: Transaction, address: str, record: bool = True) -> Verdict | None:
+        """Decide about one recipient; an accepted one is added to tx.rcpt_to
+        (unless `record` is false: chain mode adds it once every step accepted it)."""
         split = split_reply(tx.rcpt_to, address, self.runtime.policy)
         if split is not None:
             return Verdict(Action.TEMPFAIL, reply=split, reason="bypass class differs")
@@ -121,7 +122,7 @@ class Pipeline:
         if Stage.RCPT in self.needed:
             verdict = self._guarded("rcpt", tx, lambda: self.runtime.filter.on_rcpt(tx, address))
         refused = self._stage("rcpt", tx, verdict, address)
-        if refused is None:
+        if refused is None and record:
             tx.rcpt_to.append(address)
         return refused
 

@@ -5,7 +5,7 @@ message (the header as DKIM sees it, long-line folding), signing, verification,
 filter (who is signed, who is verified, On-* actions), keytools (genkey, testkey).
 """
 
-from milters.dkim.filter import DkimFilter
+from milters.dkim.filter import DkimFilter, DkimSignFilter
 from milters.dkim.settings import DkimSettings
 
-__all__ = ["DkimFilter", "DkimSettings"]
+__all__ = ["DkimFilter", "DkimSettings", "DkimSignFilter"]

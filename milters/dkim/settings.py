@@ -8,7 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from milters.core.config import FilterSettings, check_networks, check_range, setting
+from milters.core.config import (
+    FilterSettings,
+    check_networks,
+    check_optional_socket,
+    check_range,
+    setting,
+)
 
 # What a verification outcome leads to, like OpenDKIM's On-* values:
 # accept (deliver, AR result only), tag (also an X-Milters-DKIM header naming the
@@ -48,6 +54,14 @@ class DkimSettings(FilterSettings):
     # -- what to do ---------------------------------------------------------
     sign: bool = setting(True, "sign mail that is ours (OpenDKIM Mode s)")
     verify: bool = setting(True, "verify signatures on mail that is not ours (Mode v)")
+    sign_socket: str = setting(
+        "inet:8896@127.0.0.1",
+        "where mail is signed when other filters follow dkim: a socket of its own, last "
+        "in smtpd_milters, so signatures cover every edit of the chain (a checks REPLACE...) "
+        "while verification (this table's `socket`) sees mail as received; empty: sign in "
+        "`socket`, before the other filters' edits (they may break the signature)",
+        check_optional_socket,
+    )
 
     # -- signing: the simple case ---------------------------------------------
     domain: tuple[str, ...] = setting(

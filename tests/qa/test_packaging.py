@@ -35,7 +35,7 @@ def test_postfix_snippets_are_the_command_output_for_the_default_config() -> Non
 def test_systemd_units_are_what_install_writes() -> None:
     assert (SYSTEMD / "milters@.service").read_text() == install.systemd_unit()
     assert (SYSTEMD / "milters.target").read_text() == install.systemd_target(
-        tuple(registry.FILTERS))
+        registry.RUNNABLE)
     assert (SYSTEMD / install.REPORT_SERVICE).read_text() == install.report_service()
     assert (SYSTEMD / install.REPORT_TIMER).read_text() == install.report_timer()
     assert (SYSTEMD / install.FAILURES_SERVICE).read_text() == install.report_service(
@@ -52,7 +52,7 @@ def test_report_timer_runs_the_report_daily() -> None:
     service = settings(install.report_service("/opt/milters/bin/milters"))
     assert service["Type"] == "oneshot" and service["User"] == "milters"
     assert service["ExecStart"] == "/opt/milters/bin/milters dmarc report"
-    assert service["ExecCondition"] == "/opt/milters/bin/milters is-enabled dmarc"
+    assert service["ExecCondition"] == "/opt/milters/bin/milters is-enabled --in-chain dmarc"
     assert service["StateDirectory"] == "milters" and service["ProtectSystem"] == "strict"
     timer = settings(install.report_timer())
     assert timer["OnCalendar"] == "*-*-* 00:15:00 UTC" and timer["Persistent"] == "true"
@@ -82,9 +82,9 @@ def test_unit_has_the_hardening_a_mail_filter_should_have() -> None:
 
 
 def test_target_wants_every_filter() -> None:
-    target = install.systemd_target(tuple(registry.FILTERS))
+    target = install.systemd_target(registry.RUNNABLE)
     wants = next(line for line in target.splitlines() if line.startswith("Wants="))
-    assert wants.split("=", 1)[1].split() == [f"milters@{n}.service" for n in registry.FILTERS]
+    assert wants.split("=", 1)[1].split() == [f"milters@{n}.service" for n in registry.RUNNABLE]
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
@@ -93,7 +93,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     # verify checks that ExecStart's program exists: name one that does.
     exe = shutil.which("true") or "/bin/true"
     (tmp_path / "milters@.service").write_text(install.systemd_unit(exe))
-    (tmp_path / "milters.target").write_text(install.systemd_target(tuple(registry.FILTERS)))
+    (tmp_path / "milters.target").write_text(install.systemd_target(registry.RUNNABLE))
     (tmp_path / install.REPORT_SERVICE).write_text(install.report_service(exe))
     (tmp_path / install.REPORT_TIMER).write_text(install.report_timer())
     units = [str(tmp_path / f"milters@{n}.service") for n in registry.FILTERS]

@@ -40,7 +40,8 @@ def test_change_counts_the_header_as_edited_and_past_the_count_adds() -> None:
     h.apply([HeaderOp(OpKind.DELETE, "X-Dup", index=1),
              HeaderOp(OpKind.CHANGE, "x-dup", "new", 1),
              HeaderOp(OpKind.CHANGE, "X-Dup", "five", 5)])
-    assert [f.value for f in h.visible() if f.name.lower() == "x-dup"] == [b" new", b" three", b" five"]
+    dups = [f.value for f in h.visible() if f.name.lower() == "x-dup"]
+    assert dups == [b" new", b" three", b" five"]
     h.apply([HeaderOp(OpKind.DELETE, "X-Nothing", index=1)])  # nothing to delete: no-op
     assert len(h.visible()) == len(SEEN)
 
