@@ -81,7 +81,12 @@ def with_sign_step(cfg: Config) -> Config:
             if fs.enabled and parse_socket(fs.socket).libmilter == spec:
                 raise ConfigError(f"[dkim] sign_socket {dkim.sign_socket!r} in {cfg.source} "
                                   f"is also the socket of [{name}]; each needs its own")
-    return replace(cfg, filters=types.MappingProxyType({**cfg.filters, SIGN_STEP: step}),
+    # In RUNNABLE order (the metrics port offsets follow it): the filters, then
+    # the signing step, then the chain.
+    filters = {name: cfg.filters[name] for name in FILTERS}
+    filters[SIGN_STEP] = step
+    filters[CHAIN] = cfg.filters[CHAIN]
+    return replace(cfg, filters=types.MappingProxyType(filters),
                    derived=cfg.derived | {SIGN_STEP})
 
 

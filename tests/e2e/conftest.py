@@ -134,7 +134,11 @@ def start_filter(processes: ProcessFactory, tmp_path: Path) -> StartFilter:
     def start(name: str, config_text: str = "", env: dict[str, str] | None = None) -> RunningFilter:
         port = free_port()
         config_path = tmp_path / f"{name}-{port}.toml"
-        config_path.write_text(add_socket_to_config(config_text, name, f"inet:{port}@127.0.0.1"))
+        spec = f"inet:{port}@127.0.0.1"
+        if name == "dkim-sign":  # dkim's signing step: [dkim] sign_socket
+            config_path.write_text(add_socket_to_config(config_text, "dkim", spec, "sign_socket"))
+        else:
+            config_path.write_text(add_socket_to_config(config_text, name, spec))
         argv = [sys.executable, "-m", "milters", "run", name, "--config", str(config_path)]
         proc = processes.start(argv, port, env=env, cwd=REPO_ROOT)
         return RunningFilter(name, port, config_path, proc)

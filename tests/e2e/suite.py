@@ -38,7 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 AUTHSERV_ID = "mx.test.example"
 RCPT = "user@test.example"
 # Chain order: DMARC sees the DKIM and SPF results (README "Authentication-Results").
-CHAIN = ("dkim", "spf", "dmarc", "clamav", "checks")
+# The steps in chain order: dkim verifies first, dkim-sign signs after every edit.
+CHAIN = ("dkim", "spf", "dmarc", "clamav", "checks", "dkim-sign")
 
 OURS = "ours.example"              # our own domain: signed on submission
 ALIGNED = "aligned.example"        # SPF pass from ALIGNED_IP, DKIM key, p=reject
@@ -90,8 +91,9 @@ def publish(dns: LoopbackDNS, keys: Keys) -> None:
 def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
                 ports: dict[str, int],
                 mode: str = "enforce", dns_timeout: float = 1.0, workers: int = 1,
-                clamd_timeout: float = 2.0) -> str:
-    """The one TOML file for all five filters."""
+                clamd_timeout: float = 2.0, chain: bool = False) -> str:
+    """The one TOML file for all five filters (and the chain's socket, used when
+    `chain`: then one `milters run chain` serves them all in one dialogue)."""
     rules = directory / "header_checks"
     rules.write_text("/^Subject:.*win a prize/ REJECT 5.7.1 no prizes here\n")
     sockets = {name: f'socket = "inet:{port}@127.0.0.1"\nworkers = {workers}\n'
@@ -100,6 +102,7 @@ def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
         f'[global]\nauthserv_id = "{AUTHSERV_ID}"\nmode = "{mode}"\n'
         f"{dns.toml(timeout=dns_timeout)}\n"
         f'[dkim]\n{sockets["dkim"]}domain = ["{OURS}"]\nselector = "rsa"\n'
+        f'sign_socket = "inet:{ports["dkim-sign"]}@127.0.0.1"\n'
         f'key_file = "{keydir}/rsa.private"\n'
         f'ed25519_selector = "ed"\ned25519_key_file = "{keydir}/ed.private"\n\n'
         f'[spf]\n{sockets["spf"]}\n'
@@ -108,7 +111,8 @@ def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
         f'[clamav]\n{sockets["clamav"]}clamd_sockets = ["{clamd_tcp}"]\n'
         f"connect_timeout = {clamd_timeout}\nscan_timeout = {clamd_timeout * 2}\n"
         f"retry_after = 0.0\n\n"
-        f'[checks]\n{sockets["checks"]}header_checks = ["regexp:{rules}"]\n'
+        f'[checks]\n{sockets["checks"]}header_checks = ["regexp:{rules}"]\n\n'
+        f'[chain]\n{sockets["chain"]}enabled = {str(chain).lower()}\n'
     )
 
 
@@ -119,10 +123,12 @@ class Suite:
     ports: dict[str, int]
     config_path: Path
     processes: dict[str, ManagedProcess]
+    chain: bool = False  # one `milters run chain` socket instead of one per step
 
     @property
     def sockets(self) -> list[str]:
-        return [f"inet:127.0.0.1:{self.ports[name]}" for name in CHAIN]
+        names = ["chain"] if self.chain else CHAIN
+        return [f"inet:127.0.0.1:{self.ports[name]}" for name in names]
 
     def attach(self, postfix: PostfixInstance) -> None:
         postfix.set_milters(self.sockets, self.sockets)
@@ -152,9 +158,9 @@ def factory() -> Iterator[ProcessFactory]:
 
 
 def chain_ports() -> dict[str, int]:
-    """A distinct free loopback port for each filter of the chain."""
+    """A distinct free loopback port for each step of the chain, and the chain's."""
     ports: dict[str, int] = {}
-    for name in CHAIN:
+    for name in (*CHAIN, "chain"):
         port = free_port()
         while port in ports.values():
             port = free_port()
@@ -164,24 +170,28 @@ def chain_ports() -> dict[str, int]:
 
 def start_suite(factory: ProcessFactory, directory: Path, keys: Keys, dns: LoopbackDNS,
                 clamd_tcp: str, mode: str = "enforce", serve: bool = False,
-                **options: float) -> Suite:
-    """Start the five filters with one config; return once every port accepts."""
+                chain: bool = False, **options: float) -> Suite:
+    """Start the chain with one config, as one process per step (`milters run`),
+    one `milters serve`, or (`chain`) the one-dialogue chain socket; return once
+    every port accepts."""
     directory.mkdir(parents=True, exist_ok=True)
     ports = chain_ports()
-    config_path = directory / f"milters-{mode}-{'serve' if serve else 'run'}.toml"
+    how = "serve" if serve else "run"
+    config_path = directory / f"milters-{mode}-{how}{'-chain' if chain else ''}.toml"
     text = config_text(directory, keys.directory / OURS, dns, clamd_tcp, ports, mode=mode,
-                       **options)
+                       chain=chain, **options)
     config_path.write_text(text)
     base = [sys.executable, "-m", "milters"]
+    units = ("chain",) if chain else CHAIN
     if serve:
         proc = factory.start([*base, "serve", "--config", str(config_path)], None,
                              cwd=REPO_ROOT)
-        for name in CHAIN:
+        for name in units:
             wait_ready(proc, ports[name])
-        return Suite(ports, config_path, {"serve": proc})
+        return Suite(ports, config_path, {"serve": proc}, chain)
     procs = {name: factory.start([*base, "run", name, "--config", str(config_path)],
-                                 ports[name], cwd=REPO_ROOT) for name in CHAIN}
-    return Suite(ports, config_path, procs)
+                                 ports[name], cwd=REPO_ROOT) for name in units}
+    return Suite(ports, config_path, procs, chain)
 
 
 def wait_ready(proc: ManagedProcess, port: int, timeout: float = READY_TIMEOUT) -> None:

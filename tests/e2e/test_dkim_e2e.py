@@ -15,6 +15,7 @@ from milters.dkim.keytools import genkey
 from tests.e2e.filters import RunningFilter, StartFilter
 from tests.e2e.postfix import PostfixInstance
 from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.processes import others_disabled
 
 DOMAIN = "sender.example"
 RCPT = "user@test.example"
@@ -35,7 +36,8 @@ def dkim_milter(postfix: PostfixInstance, start_filter: StartFilter, dns: Loopba
     flt = start_filter("dkim", (
         f'[global]\nauthserv_id = "mx.test.example"\n{dns.toml()}\n'
         f'[dkim]\ndomain = "{DOMAIN}"\nselector = "rsa"\nkey_file = "{tmp_path}/rsa.private"\n'
-        f'ed25519_selector = "ed"\ned25519_key_file = "{tmp_path}/ed.private"\n'))
+        f'ed25519_selector = "ed"\ned25519_key_file = "{tmp_path}/ed.private"\n'
+        + others_disabled("dkim")))
     postfix.set_milters([flt.socket])
     return flt
 

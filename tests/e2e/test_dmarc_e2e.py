@@ -34,11 +34,14 @@ def chain(postfix: PostfixInstance, start_filter: StartFilter, dns: LoopbackDNS,
     dns.txt(f"rsa._domainkey.{DOMAIN}", made.key.dns_record())
     dns.txt(f"_dmarc.{DOMAIN}", "v=DMARC1; p=reject")
     common = f'[global]\nauthserv_id = "mx.test.example"\n{dns.toml()}\n[spf]\nenabled = false\n'
-    dkim = start_filter("dkim", common + (
-        f'[dkim]\ndomain = "{DOMAIN}"\nselector = "rsa"\nkey_file = "{tmp_path}/rsa.private"\n'))
-    dmarc = start_filter("dmarc", common + (
+    dkim_table = (f'[dkim]\ndomain = "{DOMAIN}"\nselector = "rsa"\n'
+                  f'key_file = "{tmp_path}/rsa.private"\n')
+    dkim = start_filter("dkim", common + dkim_table)
+    dmarc = start_filter("dmarc", common + dkim_table + (
         f'[dmarc]\nreject_failures = true\nhistory = "{tmp_path}/history.sqlite"\n'))
-    postfix.set_milters([dkim.socket, dmarc.socket])
+    # Signing is the last step of the chain (dkim verifies first).
+    signer = start_filter("dkim-sign", common + dkim_table)
+    postfix.set_milters([dkim.socket, dmarc.socket, signer.socket])
     return dkim, dmarc
 
 

@@ -18,7 +18,13 @@ from milters import client
 from milters.dkim.keys import load_private_key
 from milters.dkim.keytools import genkey
 from tests.support.dns import LoopbackDNS, dns_server
-from tests.support.processes import ManagedProcess, ProcessFactory, free_port, wait_until
+from tests.support.processes import (
+    ManagedProcess,
+    ProcessFactory,
+    free_port,
+    others_disabled,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = "example.com"
@@ -49,6 +55,7 @@ def running(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory
         f'[dkim]\nsocket = "{spec}"\ndomain = "{DOMAIN}"\nselector = "rsa"\n'
         f'key_file = "{d}/rsa.private"\ned25519_selector = "ed"\n'
         f'ed25519_key_file = "{d}/ed.private"\nworkers = 2\n'
+        + others_disabled("dkim")
     )
     factory = ProcessFactory()
     argv = [sys.executable, "-m", "milters", "run", "dkim", "--config", str(config)]

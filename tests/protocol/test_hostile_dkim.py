@@ -20,7 +20,7 @@ from milters import client
 from milters.core.dkim_verify import canonicalize_body
 from milters.dkim.keytools import genkey
 from tests.support.dns import LoopbackDNS, dns_server
-from tests.support.processes import ManagedProcess, ProcessFactory, free_port
+from tests.support.processes import ManagedProcess, ProcessFactory, free_port, others_disabled
 
 ROOT = Path(__file__).resolve().parents[2]
 DOMAIN = "example.com"
@@ -83,7 +83,8 @@ def milters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory
     out = {}
     for name, table in (
         ("dkim", f'[dkim]\ndomain = "{DOMAIN}"\nselector = "rsa"\n'
-                 f'key_file = "{made.private_path}"\non_error = "tempfail"\n'),
+                 f'key_file = "{made.private_path}"\non_error = "tempfail"\n'
+                 + others_disabled("dkim")),
         ("dmarc", '[dkim]\nenabled = false\n[spf]\nenabled = false\n'
                   '[dmarc]\nreject_failures = true\non_error = "accept"\n'),
     ):

@@ -166,16 +166,27 @@ class ProcessFactory:
         self.close()
 
 
-def add_socket_to_config(config_text: str, table: str, socket_spec: str) -> str:
-    """Return TOML text whose [table] has `socket = socket_spec`.
+def add_socket_to_config(config_text: str, table: str, socket_spec: str,
+                         key: str = "socket") -> str:
+    """Return TOML text whose [table] has `socket = socket_spec` (or `key = ...`).
 
     Inserted right after the table's header line when the text has one (keys right
     after a header belong to that table), else a new table is appended.
     """
-    line = f'socket = "{socket_spec}"'
+    line = f'{key} = "{socket_spec}"'
     lines = config_text.splitlines()
     for i, text in enumerate(lines):
         if text.strip() == f"[{table}]":
             lines.insert(i + 1, line)
             return "\n".join(lines) + "\n"
     return config_text.rstrip("\n") + f"\n\n[{table}]\n{line}\n"
+
+
+FILTER_TABLES = ("dkim", "spf", "dmarc", "clamav", "checks")
+
+
+def others_disabled(name: str) -> str:
+    """TOML that disables every filter but `name`: a filter run alone must be
+    configured alone (its neighbours decide where it signs, whose results it
+    trusts, who applies holds: core/filter.py Env.upstream/downstream)."""
+    return "".join(f"[{n}]\nenabled = false\n" for n in FILTER_TABLES if n != name)
