@@ -163,14 +163,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent("""\
             Run a message (a .eml file, or - for stdin) through the filters'
-            decisions offline, as if it came over SMTP with the envelope below,
-            and print each filter's results, verdict and the header changes it
-            would make. No MTA and no running filter are needed.
-            Exit status: 0 if every filter accepts, 1 if one refuses."""),
+            decisions offline, as if it came over SMTP with the envelope below.
+            By default it runs the live chain, as Postfix does: every enabled
+            filter in chain order, each given the message with the edits of the
+            filters before it applied (forged Authentication-Results removed,
+            results added, checks edits), signing last; it prints each filter's
+            results, verdict and milter operations, then the final verdict and
+            the delivered header. --filter runs single filters on the message
+            as given. No MTA and no running filter are needed.
+            Exit status: 0 if the message is accepted, 1 if it is refused."""),
     )
     p.add_argument("message", metavar="FILE.eml", help="the message, or - for stdin")
     p.add_argument("--filter", action="append", metavar="NAME",
-                   help="only this filter (repeat for several; default: every enabled one)")
+                   help="only this filter, alone on the message as given (repeat for "
+                        "several; default: the live chain of every enabled one)")
     _add_config(p)
     _add_envelope(p)
 
@@ -562,15 +568,19 @@ def cmd_test(args: argparse.Namespace) -> int:
 
     cfg = registry.load(args.config)
     setup_logging("warning")
-    names = args.filter or [n for n, fs in cfg.filters.items() if fs.enabled]
-    for n in names:
-        registry.filter_class(n)
     message = _read_message(args.message)
     env = _envelope(args)
+    if not args.filter:
+        # The live chain: what Postfix does with every enabled filter.
+        report = run_offline(registry.build_chain(cfg), message, env)
+        print(format_report(report))
+        return 1 if report.verdict.final else 0
+    for n in args.filter:
+        registry.filter_class(n)
     refused = False
-    for name in names:
+    for name in args.filter:
         report = run_offline(registry.build_runtime(cfg, name), message, env)
-        print(format_report(report, cfg))
+        print(format_report(report))
         refused = refused or report.verdict.final
     return 1 if refused else 0
 

@@ -1,7 +1,11 @@
 """`milters test`: run a message through the filters' decisions offline, no MTA, no socket.
 
-It drives the same Pipeline the milter adapter drives, stage by stage, so the
-verdict printed here is the one a running filter would give.
+It drives the same pipelines the milter adapter drives, stage by stage, so the
+verdict printed here is the one a running filter would give. By default it runs
+the live chain (core/chain.py): each filter gets the message with the previous
+filters' edits applied, as Postfix would send it (forged-field removal
+included), and the final verdict and the final header are printed; `--filter`
+runs single filters on the original message.
 """
 
 from __future__ import annotations
@@ -9,13 +13,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from milters.client import Envelope
-from milters.core import authresults
-from milters.core.config import Config
-from milters.core.model import Body, Connection, Transaction, parse_message
+from milters.core.chain import ChainFilter, ChainPipeline
+from milters.core.model import Body, Connection, Header, Transaction, parse_message
 from milters.core.pipeline import Pipeline
+from milters.core.plan import Plan
 from milters.core.policy import describe
 from milters.core.runtime import Runtime
 from milters.core.verdict import Action, Verdict
+
+
+@dataclass
+class StepReport:
+    """One filter's decision at end of message."""
+
+    filter: str
+    verdict: Verdict
+    plan: Plan
+    ms: float
 
 
 @dataclass
@@ -25,11 +39,17 @@ class Report:
     verdict: Verdict
     refused_rcpts: list[tuple[str, Verdict]] = field(default_factory=list)
     ms: float = 0.0
+    plan: Plan = Plan()
+    # The chain: each step's end-of-message decision, and the header Postfix
+    # would deliver (without the Received field it adds itself).
+    steps: list[StepReport] = field(default_factory=list)
+    final_header: list[Header] = field(default_factory=list)
 
 
 def run_offline(runtime: Runtime, message: bytes, env: Envelope) -> Report:
     """The decisions for `message` sent with envelope `env` (the same Envelope
-    `milters probe` sends over the wire)."""
+    `milters probe` sends over the wire), by one filter or, for a chain
+    runtime (registry.build_chain), by the live chain."""
     name = runtime.filter.name
     conn = Connection(
         client_addr=env.client_ip,
@@ -40,7 +60,8 @@ def run_offline(runtime: Runtime, message: bytes, env: Envelope) -> Report:
     )
     if env.auth_user:
         conn.macros.update({"{auth_authen}": env.auth_user, "{auth_type}": env.auth_type})
-    pipe = Pipeline(runtime, conn)
+    chain = isinstance(runtime.filter, ChainFilter)
+    pipe = ChainPipeline(runtime, conn) if chain else Pipeline(runtime, conn)
     refused = pipe.connect()
     if refused is not None:
         return Report(name, "connect", refused)
@@ -70,29 +91,46 @@ def run_offline(runtime: Runtime, message: bytes, env: Envelope) -> Report:
         outcome = pipe.end_of_message(tx)
         report.verdict = outcome.verdict
         report.ms = outcome.ms
+        report.plan = outcome.plan
+        if isinstance(pipe, ChainPipeline):
+            report.steps = [StepReport(p.name, o.verdict, o.plan, o.ms)
+                            for p, o in pipe.outcomes]
+            if outcome.verdict.action is Action.ACCEPT:
+                report.final_header = list(tx.headers)
         return report
     finally:
         tx.close()
 
 
-def format_report(report: Report, cfg: Config) -> str:
+def format_report(report: Report) -> str:
+    if not report.steps:
+        return _format_one(report.filter, report.verdict, report.plan, report.stage,
+                           report.ms, report.refused_rcpts)
+    lines = [_format_one(s.filter, s.verdict, s.plan, "eom", s.ms, [])
+             for s in report.steps]
     v = report.verdict
-    lines = [f"[{report.filter}] verdict: {describe(v)} (at {report.stage}, {report.ms:.1f} ms)"]
-    for rcpt, refusal in report.refused_rcpts:
+    lines.append(f"[chain] final verdict: {describe(v)} ({report.ms:.1f} ms)")
+    lines += [f"  recipient {r} refused: {describe(x)}" for r, x in report.refused_rcpts]
+    if v.action is Action.ACCEPT:
+        lines.append("  delivered header (Postfix adds its Received field below any field "
+                     "inserted at the top):")
+        lines += [f"    {h.name}:{_one_line(h.value)}" for h in report.final_header]
+    return "\n".join(lines)
+
+
+def _format_one(name: str, v: Verdict, plan: Plan, stage: str, ms: float,
+                refused_rcpts: list[tuple[str, Verdict]]) -> str:
+    lines = [f"[{name}] verdict: {describe(v)} (at {stage}, {ms:.1f} ms)"]
+    for rcpt, refusal in refused_rcpts:
         lines.append(f"  recipient {rcpt} refused: {describe(refusal)}")
     for res in v.results:
         props = " ".join(f"{t}.{n}={val}" for t, n, val in res.properties)
         lines.append(f"  result: {res.method}={res.result} {props}".rstrip())
     if v.action is Action.ACCEPT:
-        if v.results:
-            value = authresults.format_value(cfg.global_.authserv_id, v.results)
-            lines.append(f"  would insert at top: {authresults.FIELD_NAME}: {value}")
-        lines += [f"  would {e.describe()}" for e in v.header_edits]
-        lines += [f"  would add recipient {r}" for r in v.add_rcpts]
-        lines += [f"  would delete recipient {r}" for r in v.del_rcpts]
-        if v.replace_body is not None:
-            lines.append(f"  would replace the body ({len(v.replace_body)} bytes)")
-        if v.quarantine:
-            lines.append(f"  would quarantine (hold): {v.quarantine}")
+        lines += [f"  milter operation: {line}" for line in plan.lines()]
     lines += [f"  log: {n}" for n in v.log_notes]
     return "\n".join(lines)
+
+
+def _one_line(value: bytes) -> str:
+    return value.decode("utf-8", "replace").replace("\n", "\n      ")

@@ -123,7 +123,7 @@ def filter_class(name: str) -> type[Filter]:
 def build_runtime(cfg: Config, name: str) -> Runtime:
     """Build the filter (tables compiled, keys loaded). Raises ConfigError."""
     if name == CHAIN:
-        return _build_chain(cfg)
+        return build_chain(cfg)
     cls = filter_class(name)
     settings = cfg.filters[name]
     steps = list(chain_steps(cfg))
@@ -137,7 +137,8 @@ def build_runtime(cfg: Config, name: str) -> Runtime:
     return Runtime(cfg, flt, _policy(cfg, name))
 
 
-def _build_chain(cfg: Config) -> Runtime:
+def build_chain(cfg: Config) -> Runtime:
+    """Every enabled step in one runtime (chain mode, and `milters test`)."""
     steps = tuple(build_runtime(cfg, name) for name in chain_steps(cfg))
     if not steps:
         raise ConfigError(f"[chain] is enabled in {cfg.source} but no filter is")
