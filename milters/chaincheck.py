@@ -66,9 +66,11 @@ def disagreements(cfg: Config, milters: list[str]) -> list[str]:
     for name, spec in enabled:
         positions = [i for i, s in enumerate(listed) if _same(s, spec)]
         if not positions:
+            off = {registry.SIGN_STEP: '[dkim] sign_socket = "" (sign at the dkim socket)',
+                   registry.CHAIN: "[chain] enabled = false"}.get(name, f"[{name}] enabled = false")
             problems.append(
                 f"filter {name} is enabled but its socket {spec.postfix} is not in Postfix's "
-                f"smtpd_milters: disable it in the config ([{name}] enabled = false) or "
+                f"smtpd_milters: disable it in the config ({off}) or "
                 "add it (`milters postfix-config`)")
             continue
         seen.append(name)

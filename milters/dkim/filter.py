@@ -100,6 +100,15 @@ class DkimFilter(Filter):
         lines = self.keyring.describe()
         return lines or ["no signing keys: mail is verified only"]
 
+    def load_warnings(self) -> list[str]:
+        s = self.dkim
+        if (s.sign and not s.sign_socket and self.env.downstream
+                and self.keyring.keys):
+            return [f"[dkim] sign_socket is empty: mail is signed at the dkim socket, "
+                    f"before {', '.join(self.env.downstream)} edit it; an edit of a "
+                    "signed field (a checks REPLACE of Subject) breaks the signature"]
+        return []
+
     # -- who is who ------------------------------------------------------------
 
     def is_ours(self, conn: Connection) -> bool:

@@ -191,3 +191,36 @@ def test_install_into_root_in_a_private_mount_namespace(tmp_path: Path) -> None:
         "/var/lib/milters milters:milters 750",
     ]
     assert access.split("\n")[:3] == ["reads config", "writes state", "writes keys"]
+
+
+def test_postfix_config_signs_last_and_chain_mode_lists_one_socket(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    signing = '[dkim]\ndomain = ["ours.example"]\nselector = "s"\nkey_file = "/k.pem"\n'
+    cfg.write_text(signing)
+    out = milters("postfix-config", "--config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    assert smtpd_milters(out.stdout) == [f"inet:127.0.0.1:{p}" for p in range(8891, 8897)]
+    assert "dkim-sign signs last" in out.stdout
+    assert milters("is-enabled", "dkim-sign", "--config", str(cfg)).returncode == 0
+    assert milters("is-enabled", "chain", "--config", str(cfg)).returncode == 1
+    cfg.write_text(signing + '[chain]\nenabled = true\nsocket = "inet:9900@127.0.0.1"\n')
+    out = milters("postfix-config", "--config", str(cfg))
+    assert smtpd_milters(out.stdout) == ["inet:127.0.0.1:9900"]
+    assert "dkim, spf, dmarc, clamav, checks, dkim-sign" in out.stdout
+    # The filters are the chain's steps now, not served alone; the DMARC report
+    # units still run (is-enabled --in-chain).
+    assert milters("is-enabled", "chain", "--config", str(cfg)).returncode == 0
+    assert milters("is-enabled", "dmarc", "--config", str(cfg)).returncode == 1
+    assert milters("is-enabled", "--in-chain", "dmarc", "--config", str(cfg)).returncode == 0
+
+
+def test_check_config_warns_when_signing_comes_before_edits(tmp_path: Path) -> None:
+    from milters.dkim.keytools import genkey
+
+    genkey("ours.example", "s", "rsa", 2048, str(tmp_path))
+    cfg = tmp_path / "m.toml"
+    cfg.write_text(f'[dkim]\ndomain = ["ours.example"]\nselector = "s"\n'
+                   f'key_file = "{tmp_path}/s.private"\nsign_socket = ""\n')
+    strict = milters("check-config", "--strict", "--config", str(cfg))
+    assert strict.returncode == 78 and "sign_socket is empty" in strict.stderr, strict.stderr
+    assert milters("check-config", "--config", str(cfg)).returncode == 0
