@@ -455,7 +455,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         cfg = registry.load(args.config)
         targets = {name: f"http://{where}/metrics"
-                   for name, where in sample_scrape_targets(cfg).items()}
+                   for name, where in sample_scrape_targets(cfg, registry.units(cfg)).items()}
         if not targets:
             raise MiltersError(f"metrics are off in {cfg.source} ([global] metrics_listen); "
                                "read the log instead: milters stats --log FILE")

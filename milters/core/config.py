@@ -135,7 +135,7 @@ class GlobalSettings:
     metrics_listen: str = setting(
         "",
         "Prometheus metrics on loopback HOST:PORT, e.g. 127.0.0.1:9891; each filter adds "
-        "its chain position (dkim +0 ... checks +4); empty: off",
+        "its position (dkim +0 ... checks +4, dkim-sign +5, chain +6); empty: off",
         check_listen,
     )
     dns: DnsSettings = setting(DnsSettings, "the [global.dns] table")

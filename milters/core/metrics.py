@@ -38,7 +38,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -349,11 +349,12 @@ def render(directory: Path) -> tuple[bytes, str]:
     return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-def sample_scrape_targets(cfg: Config) -> Mapping[str, str]:
-    """filter -> host:port of its metrics, for the enabled filters (docs, `milters stats`)."""
+def sample_scrape_targets(cfg: Config, served: Sequence[str]) -> Mapping[str, str]:
+    """name -> host:port of the metrics of what is `served` (registry.units: the
+    filters' sockets, or the chain's one), for the docs and `milters stats`."""
     out: dict[str, str] = {}
-    for name, fs in cfg.filters.items():
+    for name in served:
         where = filter_listen(cfg, name)
-        if fs.enabled and where is not None:
+        if where is not None:
             out[name] = f"{_host(where[0])}:{where[1]}"
     return out
