@@ -14,7 +14,13 @@ delivery in the Maildir), p50/p99 per filter from each filter's `ms=` log lines,
 peak RSS and PSS of each filter's process tree (polled every 0.1 s), and a scan of
 every filter's output and Postfix's log for errors and tracebacks.
 
-    python -m bench.suite_bench [--count 3000] [--sessions 4] [--workers 2]   # root only
+    python -m bench.suite_bench [--count 3000] [--sessions 4] [--workers 2]
+        [--deployment sockets|chain|none|compare]   # root only
+
+`--deployment chain` serves the filters on the one chain socket (`[chain]`, one
+milter dialogue per message); `none` is Postfix without milters; `compare` runs
+the three one after the other in the same run, at each `--sessions` value given
+(e.g. `--sessions 4 16`), and prints msgs/s side by side with the ratios.
 
 Writes bench/results/suite-TIMESTAMP.json and prints a table.
 """
@@ -55,7 +61,7 @@ from tests.support.dns import dns_server
 from tests.support.processes import LOOPBACK, ProcessFactory
 
 VARIANTS = 40  # the last variant matches the header_checks REJECT rule: 1 in 40
-_MS = re.compile(r"\bfilter=(\w+) stage=\w+ .* ms=([\d.]+)$", re.MULTILINE)
+_MS = re.compile(r"\bfilter=([\w-]+) stage=\w+ .* ms=([\d.]+)$", re.MULTILINE)
 _BAD = re.compile(r"Traceback|\b(ERROR|CRITICAL)\b|\berror\b", re.IGNORECASE)
 _POSTFIX_BAD = re.compile(r"\b(warning|error|fatal|panic):")
 
@@ -77,12 +83,14 @@ def messages(keydir: Path) -> list[tuple[bytes, bool]]:
 
 
 def _sender(port: int, wires: Sequence[tuple[bytes, bool]], start: int,
-            count: int, step: int, results: mp.Queue[dict[str, Any]]) -> None:
+            count: int, step: int, results: mp.Queue[dict[str, Any]],
+            filtered: bool) -> None:
     codes: dict[str, int] = {}
     unexpected = 0
     errors: list[str] = []
     for n in range(count):
         raw, reject = wires[(start + n * step) % len(wires)]
+        reject = reject and filtered  # Postfix alone refuses nothing
         try:
             smtp = smtplib.SMTP(LOOPBACK, port, timeout=120)
             try:
@@ -130,12 +138,17 @@ class MemoryWatch(threading.Thread):
             peak["processes"] = max(peak.get("processes", 0), m["processes"])
 
 
-def filter_latencies(output: str) -> dict[str, float | int]:
-    values = [float(m.group(2)) for m in _MS.finditer(output)]
-    return common.latency_summary(values)
+def filter_latencies(output: str) -> dict[str, dict[str, float | int]]:
+    """p50/p99 of each filter's `ms=` log lines (the chain logs one per step)."""
+    values: dict[str, list[float]] = {}
+    for m in _MS.finditer(output):
+        values.setdefault(m.group(1), []).append(float(m.group(2)))
+    return {name: common.latency_summary(v) for name, v in values.items()}
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, deployment: str = "sockets",
+        sessions: int | None = None) -> dict[str, Any]:
+    sessions = sessions or args.sessions[0]
     factory = ProcessFactory()
     instance = PostfixInstance()
     work = Path(tempfile.mkdtemp(prefix="milters-suite-bench-"))
@@ -144,28 +157,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         keys = make_keys(work / "keys")
         with dns_server() as dns, running_clamd() as clamd:
             publish(dns, keys)
-            suite = start_suite(factory, work, keys, dns, clamd.tcp, workers=args.workers,
-                                dns_timeout=2.0, clamd_timeout=5.0)
-            suite.attach(instance)
+            filtered = deployment != "none"
+            if filtered:
+                suite = start_suite(factory, work, keys, dns, clamd.tcp, workers=args.workers,
+                                    dns_timeout=2.0, clamd_timeout=5.0,
+                                    chain=deployment == "chain")
+                suite.attach(instance)
+                processes = suite.processes
+            else:
+                instance.set_milters([], [])
+                processes = {}
             instance.reset()
             wires = messages(work / "keys")
             expected_rejects = sum(
-                wires[i % len(wires)][1] for i in range(args.count))
+                wires[i % len(wires)][1] for i in range(args.count)) if filtered else 0
             expected_delivered = args.count - expected_rejects
-            watch = MemoryWatch({n: suite.processes[n].pid for n in CHAIN})
+            watch = MemoryWatch({n: p.pid for n, p in processes.items()})
             watch.start()
             ctx = mp.get_context("fork")
             results: mp.Queue[dict[str, Any]] = ctx.Queue()
-            share = [args.count // args.sessions + (i < args.count % args.sessions)
-                     for i in range(args.sessions)]
+            share = [args.count // sessions + (i < args.count % sessions)
+                     for i in range(sessions)]
             started = time.monotonic()
             procs = [ctx.Process(target=_sender, args=(instance.port, wires, i, share[i],
-                                                        args.sessions, results))
-                     for i in range(args.sessions)]
+                                                        sessions, results, filtered))
+                     for i in range(sessions)]
             for p in procs:
                 p.start()
-            collected = []
-            while len(collected) < args.sessions:
+            collected: list[dict[str, Any]] = []
+            while len(collected) < sessions:
                 try:
                     collected.append(results.get(timeout=900))
                 except queue.Empty:
@@ -181,14 +201,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for r in collected:
                 for k, v in r["codes"].items():
                     codes[k] = codes.get(k, 0) + v
-            outputs = {n: suite.processes[n].output() for n in CHAIN}
+            outputs = {n: p.output() for n, p in processes.items()}
             bad_lines = {n: [ln for ln in out.splitlines() if _BAD.search(ln)][:5]
                          for n, out in outputs.items()}
             postfix_bad = [ln for ln in instance.log_text().splitlines()
                            if _POSTFIX_BAD.search(ln)][:5]
             return {
+                "deployment": deployment,
                 "messages": args.count,
-                "sessions": args.sessions,
+                "sessions": sessions,
                 "workers": args.workers,
                 "codes": codes,
                 "unexpected_outcomes": sum(r["unexpected"] for r in collected),
@@ -199,7 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "accepted_msgs_per_s": round(args.count / accepted_s, 1),
                 "end_to_end_seconds": round(end_to_end_s, 2),
                 "end_to_end_msgs_per_s": round(len(delivered) / end_to_end_s, 1),
-                "filter_ms": {n: filter_latencies(outputs[n]) for n in CHAIN},
+                "filter_ms": filter_latencies("\n".join(outputs.values())),
                 "peak_memory": watch.peak,
                 "filter_error_lines": bad_lines,
                 "postfix_problem_lines": postfix_bad,
@@ -213,43 +234,68 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def table(result: dict[str, Any]) -> str:
     rows = []
     for name in CHAIN:
-        lat = result["filter_ms"][name]
-        mem = result["peak_memory"][name]
+        lat = result["filter_ms"].get(name, {})
+        unit = "chain" if result["deployment"] == "chain" else name
+        mem = result["peak_memory"].get(unit, {})
         rows.append([name, lat.get("count"), lat.get("p50"), lat.get("p99"),
-                     mem["rss_mib"], mem["pss_mib"], mem.get("processes"),
-                     len(result["filter_error_lines"][name])])
-    head = (f"{result['messages']} messages, {result['sessions']} sessions, "
-            f"{result['workers']} workers per filter: accepted {result['accepted_msgs_per_s']} "
+                     mem.get("rss_mib"), mem.get("pss_mib"), mem.get("processes"),
+                     len(result["filter_error_lines"].get(unit, []))])
+    head = (f"{result['deployment']}: {result['messages']} messages, "
+            f"{result['sessions']} sessions, "
+            f"{result['workers']} workers per process: accepted {result['accepted_msgs_per_s']} "
             f"msgs/s, end to end {result['end_to_end_msgs_per_s']} msgs/s "
             f"({result['delivered']}/{result['expected_delivered']} delivered in "
             f"{result['end_to_end_seconds']} s); SMTP codes {result['codes']}, "
             f"unexpected {result['unexpected_outcomes']}, sender errors "
             f"{len(result['sender_errors'])}, Postfix warnings/errors "
             f"{len(result['postfix_problem_lines'])}\n")
+    if result["deployment"] == "none":
+        return head
     return head + common.format_table(
         ["filter", "msgs logged", "p50 ms", "p99 ms", "peak RSS MiB", "peak PSS MiB",
          "processes", "error lines"], rows)
 
 
+def comparison(results: list[dict[str, Any]]) -> str:
+    """msgs/s end to end per deployment and session count, with the ratios the
+    issue asks about (chain / five sockets, chain / Postfix alone)."""
+    by = {(r["deployment"], r["sessions"]): r["end_to_end_msgs_per_s"] for r in results}
+    rows = []
+    for n in sorted({r["sessions"] for r in results}):
+        sockets, chain, none = (by.get((d, n)) for d in ("sockets", "chain", "none"))
+        rows.append([n, sockets, chain, none,
+                     round(chain / sockets, 2) if chain and sockets else None,
+                     round(chain / none, 2) if chain and none else None])
+    return common.format_table(["sessions", "sockets msgs/s", "chain msgs/s",
+                                "Postfix alone msgs/s", "chain/sockets", "chain/alone"], rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=3000)
-    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--sessions", type=int, nargs="+", default=[4])
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--deployment", choices=("sockets", "chain", "none", "compare"),
+                        default="sockets")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     reason = unavailable_reason()
     if reason:
         print(f"suite_bench: {reason}", file=sys.stderr)
         return 2
-    result = run(args)
-    path = common.write_results("suite", result, args.out)
-    print(table(result))
+    deployments = (("sockets", "chain", "none") if args.deployment == "compare"
+                   else (args.deployment,))
+    results = [run(args, d, n) for n in args.sessions for d in deployments]
+    path = common.write_results("suite", {"runs": results}, args.out)
+    for result in results:
+        print(table(result))
+    if len(results) > 1:
+        print(comparison(results))
     print(f"results: {path}")
-    clean = (not result["unexpected_outcomes"] and not result["sender_errors"]
-             and result["delivered"] == result["expected_delivered"]
-             and not any(result["filter_error_lines"].values())
-             and not result["postfix_problem_lines"])
+    clean = all(not r["unexpected_outcomes"] and not r["sender_errors"]
+                and r["delivered"] == r["expected_delivered"]
+                and not any(r["filter_error_lines"].values())
+                and not r["postfix_problem_lines"] for r in results)
     return 0 if clean else 1
 
 
