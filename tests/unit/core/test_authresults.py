@@ -16,6 +16,7 @@ from milters.core.authresults import (
     fold,
     forged_fields,
     format_value,
+    is_ours,
     methods_of,
     quote_value,
     read_field,
@@ -257,3 +258,14 @@ def test_any_text_reads_without_exception(value: str) -> None:
     if field is not None and field.authserv_id == OURS:
         assert forged_fields([Header("Authentication-Results", value.encode())], OURS,
                              True) == [1]
+
+
+@given(ar_values(), st.sampled_from(["dkim", "spf", "dmarc", "DKIM", "arc"]))
+@settings(max_examples=600, deadline=None)
+def test_the_owned_method_screen_never_keeps_an_owned_field(value: str, method: str) -> None:
+    """forged_fields skips the full read of a field that does not spell an owned
+    method: the same answer as reading every field."""
+    header = [Header("Authentication-Results", value.encode("utf-8", "surrogateescape"))]
+    owned = frozenset({method.lower()})
+    full = [1] if is_ours(header[0].value, OURS) and methods_of(header[0].value) & owned else []
+    assert forged_fields(header, OURS, False, owned) == full
