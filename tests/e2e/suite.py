@@ -50,6 +50,12 @@ ALIGNED_IP = "192.0.2.5"
 ALIGNED_HELO = "mail.aligned.example"
 OUTSIDE_IP = "198.51.100.7"
 HEADER_REJECT = "5.7.1 no prizes here"
+# A checks REPLACE of a field our signature covers: signing must come after it.
+TAG_SUBJECT = "please tag"
+TAGGED = "[tagged] "
+# A sender the checks filter's sender_checks refuse (report mode: one report field).
+REFUSED_SENDER = "refused@sender.example"
+DEPLOYMENTS = ("sockets", "chain")  # one socket per step, or one `milters run chain`
 
 
 @dataclass
@@ -95,7 +101,10 @@ def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
     """The one TOML file for all five filters (and the chain's socket, used when
     `chain`: then one `milters run chain` serves them all in one dialogue)."""
     rules = directory / "header_checks"
-    rules.write_text("/^Subject:.*win a prize/ REJECT 5.7.1 no prizes here\n")
+    rules.write_text("/^Subject:.*win a prize/ REJECT 5.7.1 no prizes here\n"
+                     f"/^Subject: (.*) {TAG_SUBJECT}$/ REPLACE Subject: {TAGGED}${{1}}\n")
+    senders = directory / "sender_checks"
+    senders.write_text(f"/^{re.escape(REFUSED_SENDER)}$/ REJECT 5.7.1 not you\n")
     sockets = {name: f'socket = "inet:{port}@127.0.0.1"\nworkers = {workers}\n'
                for name, port in ports.items()}
     return (
@@ -111,7 +120,8 @@ def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
         f'[clamav]\n{sockets["clamav"]}clamd_sockets = ["{clamd_tcp}"]\n'
         f"connect_timeout = {clamd_timeout}\nscan_timeout = {clamd_timeout * 2}\n"
         f"retry_after = 0.0\n\n"
-        f'[checks]\n{sockets["checks"]}header_checks = ["regexp:{rules}"]\n\n'
+        f'[checks]\n{sockets["checks"]}header_checks = ["regexp:{rules}"]\n'
+        f'sender_checks = ["regexp:{senders}"]\n\n'
         f'[chain]\n{sockets["chain"]}enabled = {str(chain).lower()}\n'
     )
 

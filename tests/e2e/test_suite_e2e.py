@@ -1,7 +1,9 @@
-"""The whole suite behind real Postfix: all five filters (`milters run NAME` each,
-one shared config) in chain order for smtpd_milters and non_smtpd_milters, a real
-clamd, loopback DNS. Each scenario of issue 6 is one test; the filters are started
-once for the module (tests/e2e/suite.py has the set-up)."""
+"""The whole suite behind real Postfix: all five filters and the signing step, one
+shared config, in both deployments: one socket per step (`milters run NAME` each, in
+chain order for smtpd_milters and non_smtpd_milters) and chain mode (one `milters run
+chain` socket, one dialogue). A real clamd, loopback DNS. Each scenario of issues 6
+and 10 is one test run against each deployment; the filters are started once per
+deployment (tests/e2e/suite.py has the set-up)."""
 
 from __future__ import annotations
 
@@ -22,13 +24,17 @@ from tests.e2e.suite import (
     ALIGNED_HELO,
     ALIGNED_IP,
     AUTHSERV_ID,
+    DEPLOYMENTS,
     FORGED,
     HEADER_REJECT,
     OURS,
     OUTSIDE_IP,
     QUARANTINING,
     RCPT,
+    REFUSED_SENDER,
     REJECTING,
+    TAG_SUBJECT,
+    TAGGED,
     Keys,
     Suite,
     ar_text,
@@ -54,10 +60,11 @@ def dns(keys: Keys) -> Iterator[LoopbackDNS]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def enforcing(factory: ProcessFactory, workdir: Path, dns: LoopbackDNS, clamd: Clamd,
-              keys: Keys) -> Suite:
-    return start_suite(factory, workdir, keys, dns, clamd.tcp)
+@pytest.fixture(scope="module", params=DEPLOYMENTS)
+def enforcing(request: pytest.FixtureRequest, factory: ProcessFactory, workdir: Path,
+              dns: LoopbackDNS, clamd: Clamd, keys: Keys) -> Suite:
+    chain = request.param == "chain"
+    return start_suite(factory, workdir / request.param, keys, dns, clamd.tcp, chain=chain)
 
 
 @pytest.fixture
@@ -137,6 +144,26 @@ def test_authenticated_submission_is_signed_rsa_and_ed25519(
             ("pass", "ed25519-sha256"), ("pass", "rsa-sha256")]
 
 
+def test_a_checks_replace_of_a_signed_field_is_signed_after_it(
+        postfix: PostfixInstance, suite: Suite, dns: LoopbackDNS, keys: Keys, workdir: Path,
+        factory: ProcessFactory) -> None:
+    """Issue 10: checks rewrites the Subject of submitted mail; the signatures are made
+    after that edit, so they cover the Subject as delivered."""
+    raw = message(OURS, f"quarterly figures {TAG_SUBJECT}")
+    result = postfix.send(f"alice@{OURS}", [RCPT], raw, port=postfix.submission_port,
+                          xclient={"ADDR": "203.0.113.10", "NAME": "office.example.net"})
+    assert result.accepted, result
+    [msg] = postfix.wait_delivered(1)
+    assert msg.get("Subject") == f"{TAGGED}quarterly figures"
+    signatures = msg.get_all("DKIM-Signature")
+    assert len(signatures) == 2 and all("subject" in s.lower() for s in signatures)
+    assert sorted(our_verifier(msg.raw, dns)) == [("pass", "ed25519-sha256"),
+                                                  ("pass", "rsa-sha256")]
+    if shutil.which("opendkim"):
+        assert sorted(opendkim_verifies(msg.raw, keys, workdir, factory)) == [
+            ("pass", "ed25519-sha256"), ("pass", "rsa-sha256")]
+
+
 # --- DMARC ----------------------------------------------------------------------------
 
 
@@ -157,6 +184,8 @@ def test_p_quarantine_without_aligned_pass_is_held(postfix: PostfixInstance,
     assert result.accepted, result
     assert postfix.wait_held(1) == [result.queue_id]
     assert postfix.delivered() == []
+    # Nothing sits in the hold queue unscanned (issue 10).
+    assert "X-Virus-Status: Clean" in _held_header(postfix, result.queue_id)
 
 
 def _held_header(postfix: PostfixInstance, queue_id: str) -> str:
@@ -328,13 +357,14 @@ def test_local_sendmail_goes_through_the_chain(postfix: PostfixInstance, suite: 
 # --- report mode ----------------------------------------------------------------------
 
 
-@pytest.fixture
-def reporting(postfix: PostfixInstance, workdir: Path, dns: LoopbackDNS, clamd: Clamd,
-              keys: Keys) -> Iterator[Suite]:
+@pytest.fixture(params=DEPLOYMENTS)
+def reporting(request: pytest.FixtureRequest, postfix: PostfixInstance, workdir: Path,
+              dns: LoopbackDNS, clamd: Clamd, keys: Keys) -> Iterator[Suite]:
     """A second set-up of the five filters with `[global] mode = "report"`."""
     factory = ProcessFactory()
     try:
-        suite = start_suite(factory, workdir / "report", keys, dns, clamd.tcp, mode="report")
+        suite = start_suite(factory, workdir / f"report-{request.param}", keys, dns,
+                            clamd.tcp, mode="report", chain=request.param == "chain")
         suite.attach(postfix)
         yield suite
     finally:
@@ -348,6 +378,7 @@ def test_report_mode_passes_everything_and_only_tags(postfix: PostfixInstance,
         "spf": (f"alice@{FORGED}", message(FORGED, "report spf")),
         "clamav": ("sender@sender.example", eicar_zip()),
         "checks": ("sender@sender.example", message("sender.example", "win a prize now")),
+        "sender": (REFUSED_SENDER, message("sender.example", "report sender")),
     }
     for name, (sender, raw) in cases.items():
         result = postfix.send(sender, [RCPT], raw, xclient=OUTSIDE)
@@ -357,7 +388,8 @@ def test_report_mode_passes_everything_and_only_tags(postfix: PostfixInstance,
     assert held.accepted, held
     delivered = postfix.wait_delivered(len(cases) + 1)
     assert postfix.hold_queue() == []
-    reports = {m.get("Subject"): " ".join(m.get_all("X-Milters-Report")) for m in delivered}
+    fields = {m.get("Subject"): m.get_all("X-Milters-Report") for m in delivered}
+    reports = {subject: " ".join(values) for subject, values in fields.items()}
     # Each filter says what it would have done; nothing else changed.
     assert reports["report dmarc"].startswith(
         f"dmarc would reject 550 5.7.1 rejected by the DMARC policy of {REJECTING}"), reports
@@ -367,3 +399,7 @@ def test_report_mode_passes_everything_and_only_tags(postfix: PostfixInstance,
     assert reports["win a prize now"].startswith(
         "checks would reject 550 5.7.1 no prizes here"), reports
     assert "quarantine" in reports["report quarantine"], reports
+    # Issue 10 item 4: an early (MAIL-stage) checks refusal is reported once.
+    assert len(fields["report sender"]) == 1, fields
+    [sender] = fields["report sender"]
+    assert sender.count("would reject") == 1 and "Sender address rejected: not you" in sender
