@@ -315,7 +315,7 @@ def test_milters_test_gives_what_postfix_did(sent: list[Sent], deployments: dict
         seen = results["sockets"][s.name]
         report = run_offline(runtime, s.raw, _envelope(s, "4AbCdEfGhJ"))
         assert _offline_answer(report) == (seen.answer, seen.state), (s.name, report)
-        if seen.state == "delivered":
+        if seen.state != "refused":
             offline = [(h.name, _timeless(h.name, h.value.decode("utf-8", "replace")))
                        for h in report.final_header]
             assert offline == seen.header, s.name
