@@ -144,6 +144,22 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / _CLK_TCK
 
 
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time of a process tree, reaped children included.
+
+    Each live process counts its own time plus that of the children it has reaped
+    (stat's cutime/cstime), so the difference of two readings is the tree's CPU in
+    between even when Postfix's smtpd and cleanup processes come and go: a process
+    that exits moves its time into its parent's reaped total.
+    """
+    total = 0
+    for pid in process_tree(root):
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / _CLK_TCK
+
+
 def system_cpu_seconds() -> float:
     """Busy CPU seconds of the whole machine, all CPUs, from /proc/stat.
 

@@ -174,6 +174,10 @@ def run(args: argparse.Namespace, deployment: str = "sockets",
             expected_delivered = args.count - expected_rejects
             watch = MemoryWatch({n: p.pid for n, p in processes.items()})
             watch.start()
+            # CPU per message of each side: our filters, clamd, Postfix itself.
+            cpu_roots = {**{n: p.pid for n, p in processes.items()},
+                         "clamd": clamd.process.pid, "postfix": instance.master_pid() or 0}
+            cpu_before = {n: common.tree_cpu_seconds(pid) for n, pid in cpu_roots.items()}
             ctx = mp.get_context("fork")
             results: mp.Queue[dict[str, Any]] = ctx.Queue()
             share = [args.count // sessions + (i < args.count % sessions)
@@ -195,6 +199,8 @@ def run(args: argparse.Namespace, deployment: str = "sockets",
                 p.join(timeout=30)
             delivered = instance.wait_delivered(expected_delivered, timeout=300)
             end_to_end_s = time.monotonic() - started
+            cpu_ms = {n: round((common.tree_cpu_seconds(pid) - cpu_before[n]) * 1000
+                               / args.count, 2) for n, pid in cpu_roots.items()}
             watch.done.set()
             watch.join()
             codes: dict[str, int] = {}
@@ -222,6 +228,7 @@ def run(args: argparse.Namespace, deployment: str = "sockets",
                 "end_to_end_msgs_per_s": round(len(delivered) / end_to_end_s, 1),
                 "filter_ms": filter_latencies("\n".join(outputs.values())),
                 "peak_memory": watch.peak,
+                "cpu_ms_per_message": cpu_ms,
                 "filter_error_lines": bad_lines,
                 "postfix_problem_lines": postfix_bad,
                 "host": common.host_info(),
@@ -248,7 +255,9 @@ def table(result: dict[str, Any]) -> str:
             f"{result['end_to_end_seconds']} s); SMTP codes {result['codes']}, "
             f"unexpected {result['unexpected_outcomes']}, sender errors "
             f"{len(result['sender_errors'])}, Postfix warnings/errors "
-            f"{len(result['postfix_problem_lines'])}\n")
+            f"{len(result['postfix_problem_lines'])}\n"
+            "CPU ms per message: " + ", ".join(
+                f"{n} {v}" for n, v in result["cpu_ms_per_message"].items()) + "\n")
     if result["deployment"] == "none":
         return head
     return head + common.format_table(

@@ -28,6 +28,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import dkim
 import dkim.crypto
@@ -478,6 +479,21 @@ def _failed(test_mode: bool, reason: str) -> _Refusal:
     return _Refusal(FAIL, reason)
 
 
+@lru_cache(maxsize=256)
+def _rsa_key(public: bytes) -> crypto_rsa.RSAPublicKey | None:
+    """The RSA key in p= (as dkimpy reads it: SubjectPublicKeyInfo, or a bare
+    RSAPublicKey), None when it is not one. Memoised: a busy domain signs every
+    message with the same key, and parsing it cost as much as the verification
+    (a pure function of its argument; lru_cache is thread-safe)."""
+    try:
+        numbers = dkim.crypto.parse_public_key(public)
+        return crypto_rsa.RSAPublicNumbers(numbers["publicExponent"],
+                                           numbers["modulus"]).public_key()
+    except (dkim.crypto.UnparsableKeyError, dkim.asn1.ASN1FormatError, IndexError,
+            ValueError):
+        return None
+
+
 def _key(tags: dict[bytes, bytes], lookup: TxtLookup, min_key_bits: int
          ) -> tuple[bytes, bytes, crypto_rsa.RSAPublicKey | None, bool]:
     """(k=, public key bytes, the RSA key for k=rsa, t=y) from DNS, checked as
@@ -516,14 +532,9 @@ def _key(tags: dict[bytes, bytes], lookup: TxtLookup, min_key_bits: int
     key_type = key.get(b"k", b"rsa")
     rsa_key: crypto_rsa.RSAPublicKey | None = None
     if key_type == b"rsa":
-        try:
-            # As dkimpy reads p=: SubjectPublicKeyInfo, or a bare RSAPublicKey.
-            numbers = dkim.crypto.parse_public_key(public)
-            rsa_key = crypto_rsa.RSAPublicNumbers(numbers["publicExponent"],
-                                                  numbers["modulus"]).public_key()
-        except (dkim.crypto.UnparsableKeyError, dkim.asn1.ASN1FormatError, IndexError,
-                ValueError):
-            raise _Refusal(PERMERROR, "key p= is not an RSA public key") from None
+        rsa_key = _rsa_key(public)
+        if rsa_key is None:
+            raise _Refusal(PERMERROR, "key p= is not an RSA public key")
         bits = rsa_key.key_size
         if bits < min_key_bits:
             # RFC 8301 §3.2: verifiers MUST NOT consider keys under 1024 bits valid.

@@ -32,6 +32,9 @@ class Header:
         return self.value.decode("utf-8", errors="surrogateescape")
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 @dataclass
 class Connection:
     """What is known about the SMTP client; lives as long as the SMTP session."""
@@ -41,13 +44,23 @@ class Connection:
     client_name: str = ""  # verified hostname, or "unknown" as Postfix says it
     helo: str = ""
     macros: dict[str, str] = field(default_factory=dict)
+    # client_addr parsed, with the text it was parsed from: every filter of a
+    # chain asks for it several times per message.
+    _ip: tuple[str, IPAddress | None] | None = field(default=None, init=False, repr=False,
+                                                    compare=False)
 
     @property
-    def client_ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    def client_ip(self) -> IPAddress | None:
+        cached = self._ip
+        if cached is not None and cached[0] == self.client_addr:
+            return cached[1]
         try:
-            return ipaddress.ip_address(self.client_addr.strip("[]").removeprefix("IPv6:"))
+            ip: IPAddress | None = ipaddress.ip_address(
+                self.client_addr.strip("[]").removeprefix("IPv6:"))
         except ValueError:
-            return None
+            ip = None
+        self._ip = (self.client_addr, ip)
+        return ip
 
     @property
     def sasl_user(self) -> str:

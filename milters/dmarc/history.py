@@ -29,7 +29,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -141,7 +141,9 @@ class HistoryStore(abc.ABC):
 
 
 def _to_row(e: HistoryEntry) -> tuple[object, ...]:
-    d = asdict(e)
+    # A shallow read of the fields: dataclasses.asdict deep-copies every nested
+    # tuple, a tenth of dmarc's work per message.
+    d = {f.name: getattr(e, f.name) for f in fields(e)}
     d["dkim"] = json.dumps([list(x) for x in e.dkim])
     d["rua"] = ",".join(e.rua)
     d["testing"] = int(e.testing)

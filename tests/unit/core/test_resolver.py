@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -78,3 +79,26 @@ def test_name_that_cannot_exist_is_empty_not_temperror(dns: LoopbackDNS,
         assert resolver.query(name, "A") == []
     finally:
         dns.set_fail(False)
+
+
+def test_a_positive_answer_is_served_from_memory_until_it_expires(
+        dns: LoopbackDNS, resolver: Resolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    dns.txt("cached.example", "v=spf1 -all")
+    assert resolver.txt("CACHED.example") == [b"v=spf1 -all"]
+    asked = len(dns.resolver.queries)
+    assert resolver.txt("cached.example") == [b"v=spf1 -all"]  # case folded, one entry
+    assert len(dns.resolver.queries) == asked
+    # Past the record's TTL (60 s here) the server is asked again.
+    later = time.time() + 61
+    monkeypatch.setattr("milters.core.resolver.time.time", lambda: later)
+    dns.clear()
+    assert resolver.txt("cached.example") == []
+
+
+def test_a_failure_is_not_remembered(dns: LoopbackDNS, resolver: Resolver) -> None:
+    dns.set_fail(True)
+    with pytest.raises(TempError):
+        resolver.txt("failing.example")
+    dns.set_fail(False)
+    dns.txt("failing.example", "fine")
+    assert resolver.txt("failing.example") == [b"fine"]
