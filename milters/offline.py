@@ -62,6 +62,8 @@ def run_offline(runtime: Runtime, message: bytes, env: Envelope) -> Report:
         conn.macros.update({"{auth_authen}": env.auth_user, "{auth_type}": env.auth_type})
     chain = isinstance(runtime.filter, ChainFilter)
     pipe = ChainPipeline(runtime, conn) if chain else Pipeline(runtime, conn)
+    if pipe.accepted_at_connect():
+        return Report(name, "connect", Verdict(reason="not checked: internal client"))
     refused = pipe.connect()
     if refused is not None:
         return Report(name, "connect", refused)

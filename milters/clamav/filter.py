@@ -69,6 +69,9 @@ class ClamavFilter(Filter):
 
     # --- the decision -------------------------------------------------------
 
+    def skips_internal(self) -> bool:
+        return self.clamav.skip_internal
+
     def check(self, tx: Transaction) -> Verdict:
         s = self.clamav
         conn = tx.connection

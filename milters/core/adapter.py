@@ -231,6 +231,8 @@ class Session(Milter.Base):  # type: ignore[misc]
             self.conn.client_addr = str(hostaddr[0])
             self.conn.client_port = int(hostaddr[1])
         self._macros(CONNECT_MACROS, self.conn.macros)
+        if self.pipeline.accepted_at_connect():
+            return int(Milter.ACCEPT)  # Postfix calls us no more for this session
         return self._answer(self.pipeline.connect())
 
     def _hello(self, helo: str) -> int:
@@ -394,7 +396,7 @@ def adapter_class(runtime: Runtime, sessions: SessionCounter, macro_reader: Macr
             wrapped = Milter.decode("bytes")(wrapped)
         ns[name] = wrapped
 
-    cb("connect", Session._connect, Stage.CONNECT in needed)
+    cb("connect", Session._connect, Stage.CONNECT in needed or runtime.accepts_early)
     # HELO is always taken (for the log line), answered only when a filter decides on it.
     cb("hello", Session._hello, Stage.HELO in needed)
     cb("envfrom", Session._envfrom, Stage.MAIL in needed, raw=True)

@@ -64,6 +64,11 @@ class ChainFilter(Filter):
     def check(self, tx: Transaction) -> Verdict:
         raise TypeError("the chain decides through ChainPipeline, step by step")
 
+    def skips_internal(self) -> bool:
+        # Some step may leave the session at CONNECT: the connect callback must
+        # be answered (ChainPipeline.accepted_at_connect decides per step).
+        return any(step.accepts_early for step in self.steps)
+
     def describe(self) -> list[str]:
         order = ", ".join(step.filter.name for step in self.steps)
         return [f"steps in order: {order}"] + [
@@ -107,6 +112,13 @@ class ChainPipeline(Pipeline):
         self.steps = [Pipeline(step, conn) for step in runtime.filter.steps]
         # The steps' outcomes for the message last decided, for the log lines.
         self.outcomes: list[tuple[Pipeline, Outcome]] = []
+
+    def accepted_at_connect(self) -> bool:
+        # A step that accepts this client at CONNECT leaves the chain for the
+        # session, as Postfix stops calling that milter; the chain as a whole is
+        # accepted when no step is left.
+        self.steps = [p for p in self.steps if not p.accepted_at_connect()]
+        return not self.steps
 
     def connect(self) -> Verdict | None:
         return _first(p.connect() for p in self.steps)

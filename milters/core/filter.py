@@ -106,6 +106,14 @@ class Filter(abc.ABC):
         """The stages this configured instance needs (a subset of `stages`)."""
         return self.stages
 
+    def skips_internal(self) -> bool:
+        """Configured to decide nothing for any message of an internal client
+        (Env.is_internal: internal_networks or a local submission), whatever its
+        MAIL FROM, SASL login or header say. Then the adapter answers ACCEPT at
+        CONNECT and Postfix calls the filter no more for the session (runtime.py
+        accepts_early), as OpenDMARC does for its IgnoreHosts."""
+        return False
+
     # Early deciders override these; None means "no opinion yet".
     def on_connect(self, conn: Connection) -> Verdict | None:
         return None

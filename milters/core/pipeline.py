@@ -92,6 +92,14 @@ class Pipeline:
         self.log(stage, tx, verdict, 0.0)
         return verdict
 
+    def accepted_at_connect(self) -> bool:
+        """The whole session is accepted now, unchecked: an internal client of a
+        filter that skips them (Runtime.accepts_early). One log line says so."""
+        if not self.runtime.accepts_early or not self.runtime.env.is_internal(self.conn):
+            return False
+        self.log("connect", None, Verdict(reason="not checked: internal client"), 0.0)
+        return True
+
     def connect(self) -> Verdict | None:
         if Stage.CONNECT not in self.needed:
             return None

@@ -39,6 +39,17 @@ class Runtime:
         return not self.env.upstream
 
     @property
+    def accepts_early(self) -> bool:
+        """Answer ACCEPT at CONNECT for an internal client (Filter.skips_internal).
+
+        Nothing is lost: RFC 8601 §5 asks for the removal of fields with our
+        authserv-id only from mail arriving from outside the trust boundary, and
+        internal clients are inside it. Not for the filter that applies the holds
+        handed on by the others (core/hold.py): it must see every message.
+        """
+        return self.filter.skips_internal() and not self.applies_holds
+
+    @property
     def applies_holds(self) -> bool:
         """Last of ours in the chain, after others: it asks for the holds they
         handed on (core/hold.py), so it reads the header and may quarantine."""

@@ -165,6 +165,10 @@ class DmarcFilter(Filter):
 
     # -- the decision -----------------------------------------------------------------------
 
+    def skips_internal(self) -> bool:
+        # Unless a From domain may have to be checked all the same.
+        return self.dmarc.skip_ours and not self.dmarc.always_check_domains
+
     def check(self, tx: Transaction) -> Verdict:
         s = self.dmarc
         ours = s.skip_ours and self.env.is_ours(tx.connection)

@@ -141,6 +141,9 @@ class SpfFilter(Filter):
         tx.notes[self.name] = decision
         return decision
 
+    def skips_internal(self) -> bool:
+        return True  # skip_reason: an internal client is never checked
+
     def skip_reason(self, conn: Connection) -> str:
         if self.env.is_internal(conn):
             return "internal client"

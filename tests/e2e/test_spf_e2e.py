@@ -71,3 +71,23 @@ def test_spf_pass_is_delivered_with_results(postfix: PostfixInstance,
     names = msg.header_names
     assert names.index("Received-SPF") < names.index("Received")
     assert names.index("Authentication-Results") < names.index("Received")
+
+
+def test_an_internal_client_is_accepted_at_connect(postfix: PostfixInstance,
+                                                   spf_milter: RunningFilter) -> None:
+    """Issue 13: mail from internal_networks (127.0.0.1 here, no XCLIENT) is
+    accepted at CONNECT; Postfix then calls the filter no more for the session and
+    delivers the message as it came."""
+    forged = b"Authentication-Results: mx.test.example; spf=pass smtp.mailfrom=x\r\n"
+    result = postfix.send("alice@forged.example", [RCPT],
+                          forged + message("alice@forged.example"))
+    assert result.accepted, result
+    [msg] = postfix.wait_delivered(1)
+    assert msg.get_all("Received-SPF") == []
+    # Inside our trust boundary (RFC 8601 §5): its own field is left as it was.
+    assert msg.get_all("Authentication-Results") == [
+        "mx.test.example; spf=pass smtp.mailfrom=x"]
+    log = spf_milter.output()
+    assert "filter=spf stage=connect client=" in log
+    assert "not checked: internal client" in log
+    assert "stage=eom" not in log

@@ -129,6 +129,15 @@ def test_internal_and_authenticated_clients_are_skipped(spf: str, client_ip: str
     r = send(spf, "a@sender.example", client_ip=client_ip, auth=auth)
     assert r.delivered and not r.rejected_recipients
     assert ar_values(r) == []
+    if auth:
+        # SASL comes with MAIL FROM: the dialogue goes on, and the forged field
+        # from outside our trust boundary is removed (RFC 8601 §5).
+        assert r.decided_at == "eom"
+        assert [e.kind for e in r.header_edits] == [EditKind.DELETE]
+    else:
+        # Issue 13: an internal client is accepted at CONNECT, and Postfix calls
+        # the filter no more for the session; its fields are inside our boundary.
+        assert (r.decided_at, r.verdict, r.header_edits) == ("connect", "accept", [])
 
 
 def test_skip_addresses_and_received_spf(start: Start) -> None:
