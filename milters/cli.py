@@ -16,8 +16,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from milters import __version__, chaincheck, client, registry
+from milters import __version__, chaincheck, registry
+from milters.client.errors import MilterClientError
+from milters.client.probe import probe
+from milters.client.report import format_probe
 from milters.core.config import Config, render_config
+from milters.core.envelope import Envelope
 from milters.core.errors import ConfigError, MiltersError
 from milters.core.logs import setup_logging
 
@@ -554,9 +558,9 @@ def _read_message(path: str) -> bytes:
         raise MiltersError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def _envelope(args: argparse.Namespace, helo_default: str = "") -> client.Envelope:
+def _envelope(args: argparse.Namespace, helo_default: str = "") -> Envelope:
     """The envelope options of `test` and `probe`, as the one Envelope both use."""
-    return client.Envelope(
+    return Envelope(
         client_ip=args.client_ip, client_name=args.client_name,
         helo=args.helo or helo_default, mail_from=args.mail_from,
         rcpt_to=list(args.rcpt or ["postmaster@localhost"]), auth_user=args.auth_user,
@@ -591,11 +595,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.queue_id:
         env.queue_id = args.queue_id
     try:
-        result = client.probe(args.socket, message, env, timeout=args.timeout)
-    except (OSError, client.MilterClientError) as exc:
+        result = probe(args.socket, message, env, timeout=args.timeout)
+    except (OSError, MilterClientError) as exc:
         print(f"milters probe: {args.socket}: {exc}", file=sys.stderr)
         return 69
-    print(result.to_json() if args.json else client.format_probe(result))
+    print(result.to_json() if args.json else format_probe(result))
     return 0 if result.verdict in ("accept", "continue") else 1
 
 
