@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # `python bench/dkim_bench.py`
 from bench import common
 from bench.corpus import corpus
 from bench.milter_bench import Load, Prepared, envelope, prepare, run_load
-from milters.client import probe
+from milters.client.probe import probe
 from milters.core.config import GlobalSettings
 from milters.core.filter import Env
 from milters.dkim import DkimFilter, DkimSettings

@@ -32,8 +32,8 @@ if __package__ in (None, ""):
 from bench import common
 from bench.corpus import corpus
 from milters import registry
-from milters.client import Envelope
 from milters.core import metrics
+from milters.core.envelope import Envelope
 from milters.core.model import Connection
 from milters.core.pipeline import Pipeline
 from milters.core.runtime import Runtime

@@ -3,7 +3,7 @@
 Starts a filter on a free loopback port (`python -m milters run checks` with the
 50-rule tables in bench/tables/, or the core-only `scripted` test filter as a
 baseline, or attaches to any running milter with --socket), then sends the
-bench/corpus.py corpora through milters.client.MilterSession exactly as
+bench/corpus.py corpora through milters.client.session.MilterSession exactly as
 Postfix's milter8.c would: OPTNEG, CONNECT, HELO, then per message MAIL, RCPT,
 DATA, the header fields, EOH, body chunks, EOM and ABORT; QUIT after
 --per-connection messages (Postfix keeps one milter connection per SMTP
@@ -50,14 +50,12 @@ if __package__ in (None, ""):  # `python bench/milter_bench.py`
 
 from bench import common
 from bench.corpus import CORPORA, corpus, large_message
-from milters.client import (
-    SMFIC_ABORT,
-    Envelope,
-    MilterClientError,
-    MilterSession,
-    StageReply,
-    parse_message,
-)
+from milters.client.edits import parse_message
+from milters.client.errors import MilterClientError
+from milters.client.replies import StageReply
+from milters.client.session import MilterSession
+from milters.client.wire import SMFIC_ABORT
+from milters.core.envelope import Envelope
 from tests.support.processes import ManagedProcess, free_port
 
 SCRIPTED = common.REPO_ROOT / "tests" / "protocol" / "filters" / "scripted.py"

@@ -6,8 +6,6 @@ import argparse
 import io
 import logging
 import os
-import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -16,13 +14,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from milters import __version__, chaincheck, client, registry
+from milters import __version__, chaincheck, registry
+from milters.client.errors import MilterClientError
+from milters.client.probe import probe
+from milters.client.report import format_probe
 from milters.core.config import Config, render_config
+from milters.core.envelope import Envelope
 from milters.core.errors import ConfigError, MiltersError
 from milters.core.logs import setup_logging
 
 if TYPE_CHECKING:
-    from milters.dmarc.report import Relay
     from milters.dmarc.settings import DmarcSettings
 
 log = logging.getLogger("milters")
@@ -554,9 +555,9 @@ def _read_message(path: str) -> bytes:
         raise MiltersError(f"{path}: cannot read: {exc.strerror}") from None
 
 
-def _envelope(args: argparse.Namespace, helo_default: str = "") -> client.Envelope:
+def _envelope(args: argparse.Namespace, helo_default: str = "") -> Envelope:
     """The envelope options of `test` and `probe`, as the one Envelope both use."""
-    return client.Envelope(
+    return Envelope(
         client_ip=args.client_ip, client_name=args.client_name,
         helo=args.helo or helo_default, mail_from=args.mail_from,
         rcpt_to=list(args.rcpt or ["postmaster@localhost"]), auth_user=args.auth_user,
@@ -591,11 +592,11 @@ def cmd_probe(args: argparse.Namespace) -> int:
     if args.queue_id:
         env.queue_id = args.queue_id
     try:
-        result = client.probe(args.socket, message, env, timeout=args.timeout)
-    except (OSError, client.MilterClientError) as exc:
+        result = probe(args.socket, message, env, timeout=args.timeout)
+    except (OSError, MilterClientError) as exc:
         print(f"milters probe: {args.socket}: {exc}", file=sys.stderr)
         return 69
-    print(result.to_json() if args.json else client.format_probe(result))
+    print(result.to_json() if args.json else format_probe(result))
     return 0 if result.verdict in ("accept", "continue") else 1
 
 
@@ -662,32 +663,19 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     begin = _when(args.begin) if args.begin else day - 86400
     end = _when(args.end) if args.end else begin + 86400
     org = settings.report_org_name or cfg.global_.authserv_id
-    sender = settings.report_email or f"dmarc-noreply@{cfg.global_.authserv_id}"
-    built = reports.build_reports(store.entries(begin, end, args.domain), begin, end, org,
-                                  sender)
-    if not args.dry_run:
-        # Reports of earlier periods whose send failed and whose back-off has passed.
-        ids = {r.report_id for r in built}
-        for domain, b, e in reports.due_retries(store, now):
-            for rep in reports.build_reports(store.entries(b, e, [domain]), b, e, org,
-                                             sender):
-                if rep.report_id not in ids:
-                    built.append(rep)
-                    ids.add(rep.report_id)
-    relay = _relay(settings)
-    resolver = Resolver(cfg.global_.dns)
-    done = reports.Delivery()
-    for rep in built:
-        auth = reports.authorized_destinations(rep, resolver, settings.discovery)
+    run = reports.send_reports(
+        store, begin, end, args.domain, org,
+        reports.report_sender(settings, cfg.global_.authserv_id), now,
+        Resolver(cfg.global_.dns), settings.discovery, reports.relay_from_settings(settings),
+        dry_run=args.dry_run, resend=args.resend)
+    for rep, auth, path in run.reports:
         for address, why in auth.refused:
             print(f"{rep.policy_domain}: not sending to {address}: {why}")
-        if args.dry_run:
-            path = reports.write_report(rep, args.dry_run)
+        if path is not None:
             print(f"{rep.policy_domain}: {rep.messages} messages, {rep.rows} rows -> {path}"
                   f" (would send to: {', '.join(auth.allowed) or 'nobody'})")
-            continue
-        reports.deliver(rep, auth.allowed, store, relay, sender, now, done, args.resend)
-    names = {r.report_id: f"{r.policy_domain} {r.begin}-{r.end}" for r in built}
+    done = run.delivery
+    names = {r.report_id: f"{r.policy_domain} {r.begin}-{r.end}" for r, _, _ in run.reports}
     for rid, address in done.sent:
         print(f"{names[rid]}: sent to {address}")
     for rid, address, why in done.skipped:
@@ -695,27 +683,21 @@ def cmd_dmarc(args: argparse.Namespace) -> int:
     for rid, address, why in done.failed:
         print(f"{names[rid]}: sending to {address} failed (retried later): {why}",
               file=sys.stderr)
-    if not built:
+    if not run.reports:
         print("no reports for this period")
     store.close()
     return 1 if done.failed else 0
 
 
-def _relay(settings: DmarcSettings) -> Relay:
-    from milters.dmarc.report import Relay
-
-    return Relay(settings.report_smtp_host, settings.report_smtp_port,
-                 settings.report_smtp_tls, settings.report_smtp_cafile,
-                 settings.report_smtp_user, _read_secret(settings.report_smtp_password_file))
-
-
 def _dmarc_failures(cfg: Config, settings: DmarcSettings) -> int:
     from milters.core.resolver import Resolver
     from milters.dmarc.failure import send_spool
+    from milters.dmarc.report import relay_from_settings, report_sender
 
-    sender = settings.report_email or f"dmarc-noreply@{cfg.global_.authserv_id}"
     run = send_spool(settings.failure_spool, Resolver(cfg.global_.dns), settings.discovery,
-                     _relay(settings), sender, settings.failure_max_per_domain)
+                     relay_from_settings(settings),
+                     report_sender(settings, cfg.global_.authserv_id),
+                     settings.failure_max_per_domain)
     for name, address in run.sent:
         print(f"{name}: sent to {address}")
     for name, address, why in run.refused:
@@ -727,80 +709,20 @@ def _dmarc_failures(cfg: Config, settings: DmarcSettings) -> int:
     return 1 if run.failed else 0
 
 
-def _read_secret(path: str) -> str:
-    """The first line of a password file ("" for no file)."""
-    from pathlib import Path
-
-    if not path:
-        return ""
-    try:
-        lines = Path(path).read_text().splitlines()
-        return lines[0] if lines else ""
-    except OSError as exc:
-        raise MiltersError(f"[dmarc] report_smtp_password_file: {exc}") from None
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    from milters.core.supervisor import Supervisor, block_signals, die_with_parent
+    from milters.core.serve import serve_units
 
     cfg = registry.load(args.config)
     setup_logging(cfg.global_.log_level)
-    for name in registry.units(cfg):
-        registry.build_runtime(cfg, name)  # refuse to start on a bad table or key
-    state: dict[str, Config] = {"cfg": cfg}
 
-    def spawn(name: str) -> int:
+    def child_argv(name: str) -> list[str]:
         argv = [sys.executable, "-m", "milters", "run", name]
         if args.config:
             argv += ["--config", args.config]
-        # The child must not inherit our blocked signal mask.
-        parent = os.getpid()
+        return argv
 
-        def prepare() -> None:
-            _unblock_signals()
-            die_with_parent(signal.SIGTERM, parent)
-
-        proc = subprocess.Popen(argv, restore_signals=True, preexec_fn=prepare)
-        return proc.pid
-
-    block_signals()
-    sup = Supervisor("serve", spawn)
-    enabled = list(registry.units(cfg))
-    if not enabled:
-        log.error("serve: no filter is enabled in %s", cfg.source)
-        return EX_CONFIG
-    for name in enabled:
-        sup.start(name)
-    log.info("serve: started %s from %s", ", ".join(enabled), cfg.source)
-
-    def on_reload() -> None:
-        try:
-            new = registry.load(args.config)
-            for name in registry.units(new):
-                registry.build_runtime(new, name)
-        except ConfigError as exc:
-            log.error("serve: reload refused, keeping the running configuration:\n%s", exc)
-            return
-        old = state["cfg"]
-        state["cfg"] = new
-        for pid, child in list(sup.children.items()):
-            if child.retiring:
-                continue
-            fs = new.filters[child.slot]
-            if child.slot not in registry.units(new):
-                sup.retire([pid])
-            elif fs.socket != old.filters[child.slot].socket:
-                sup.retire([pid])
-                sup.start(child.slot)
-            else:
-                os.kill(pid, signal.SIGHUP)
-        running = set(sup.slots())
-        for name in registry.units(new):
-            if name not in running:
-                sup.start(name)
-        log.info("serve: configuration reloaded from %s", new.source)
-
-    return sup.loop(on_reload, grace=60.0)
+    return serve_units(cfg, registry.units, registry.build_runtime,
+                       lambda: registry.load(args.config), child_argv)
 
 
 def cmd_postfix_config(args: argparse.Namespace) -> int:
@@ -850,10 +772,6 @@ def cmd_is_enabled(args: argparse.Namespace) -> int:
         enabled = args.name in registry.units(cfg)
     print(f"{args.name}: {'enabled' if enabled else 'disabled'} in {cfg.source}")
     return 0 if enabled else 1
-
-
-def _unblock_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
 
 
 COMMANDS = types.MappingProxyType({

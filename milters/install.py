@@ -13,26 +13,14 @@ import pwd
 import shlex
 import shutil
 import sys
-import types
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from milters import registry
-from milters.client import DEFAULT_MACRO_LISTS
 from milters.core.config import Config
 from milters.core.errors import MiltersError
+from milters.core.macros import DEFAULT_MACRO_LISTS, NEEDED_MACROS
 from milters.core.sockets import parse_socket
-
-# The macros our filters read, by the stage they must arrive at (the same for every
-# filter: core/model.py). {daemon_name} tells mail submitted on the submission port
-# (milter_macro_daemon_name=ORIGINATING), {auth_authen} tells a SASL client, `i` is the
-# queue id in the logs. Postfix's default lists (client.DEFAULT_MACRO_LISTS, from
-# `postconf -d`) hold all three; a test checks against the installed Postfix.
-NEEDED_MACROS: Mapping[str, tuple[str, ...]] = types.MappingProxyType({
-    "connect": ("{daemon_name}",),
-    "mail": ("{auth_authen}", "i"),
-})
 
 PLACEHOLDER_EXECUTABLE = "/usr/bin/milters"
 DEFAULT_USER = "milters"

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from milters.client import Envelope
 from milters.core.chain import ChainFilter, ChainPipeline
+from milters.core.envelope import Envelope
 from milters.core.model import Body, Connection, Header, Transaction, parse_message
 from milters.core.pipeline import Pipeline
 from milters.core.plan import Plan

@@ -26,6 +26,7 @@ import milter
 from milters.core.chain import ChainFilter, ChainPipeline
 from milters.core.filter import Stage
 from milters.core.macroreader import LayoutError, MacroReader, Macros
+from milters.core.macros import CONNECT_MACROS, EOM_MACROS, MAIL_MACROS
 from milters.core.model import Connection, Header, Transaction, unbracket
 from milters.core.pipeline import Pipeline
 from milters.core.plan import OpKind, Plan
@@ -33,18 +34,6 @@ from milters.core.runtime import Runtime, SessionCounter
 from milters.core.verdict import Action, Reply, Verdict
 
 log = logging.getLogger(__name__)
-
-# Macros Postfix can send (postconf milter_*_macros); we take each at the stage
-# Postfix sends it and remember it from there on (`i` only arrives late by default).
-# Each read of libmilter's lists costs the same whatever we take from it (about
-# 20 us, core/macroreader.py), so we read only where a filter uses something:
-# connect ({daemon_name}), MAIL ({auth_authen}, `i`) and end of message (`i`),
-# not at HELO or RCPT. An odd list sent there is still seen at the next read.
-CONNECT_MACROS = ("j", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}", "v",
-                  "{client_addr}", "{client_name}", "{client_port}", "{client_ptr}")
-MAIL_MACROS = ("i", "{auth_type}", "{auth_authen}", "{auth_author}", "{mail_addr}",
-               "{mail_host}", "{mail_mailer}")
-EOM_MACROS = ("i",)
 
 # libmilter's ctx_state while a callback runs (engine.c ST_*).
 _ST_CONN = 2

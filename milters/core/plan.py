@@ -143,8 +143,12 @@ class PostfixHeader:
     """A message header as Postfix holds it while milters edit it: the fields
     milters see, and Postfix's own Received field at the top, hidden from them."""
 
-    def __init__(self, headers: Iterable[Header]) -> None:
+    def __init__(self, headers: Iterable[Header], *, verbatim: bool = False) -> None:
         self._fields: list[Header | None] = [None, *headers]  # None: Postfix's Received
+        # verbatim: the operations' values are the exact bytes after the colon (a
+        # milter with SMFIP_HDR_LEADSPC; the milter client says which); else a
+        # value without leading white space gets one space, as our adapter's do.
+        self._verbatim = verbatim
 
     def visible(self) -> list[Header]:
         """What the next milter is sent."""
@@ -153,9 +157,9 @@ class PostfixHeader:
     def apply(self, ops: Iterable[HeaderOp]) -> None:
         for op in ops:
             if op.kind is OpKind.INSERT:
-                self._fields.insert(max(0, min(op.index, len(self._fields))), _field(op))
+                self._fields.insert(max(0, min(op.index, len(self._fields))), self._field(op))
             elif op.kind is OpKind.APPEND:
-                self._fields.append(_field(op))
+                self._fields.append(self._field(op))
             else:
                 self._change(op)
 
@@ -169,14 +173,15 @@ class PostfixHeader:
                     if op.kind is OpKind.DELETE:
                         del self._fields[i]
                     else:
-                        self._fields[i] = _field(op)
+                        self._fields[i] = self._field(op)
                     return
         if op.kind is OpKind.CHANGE:
-            self._fields.append(_field(op))  # past the count: Postfix adds the field
+            self._fields.append(self._field(op))  # past the count: Postfix adds the field
 
-
-def _field(op: HeaderOp) -> Header:
-    # Stored as "Name: value" (a value with its own leading white space verbatim),
-    # and sent to the next milter as the bytes after the colon.
-    value = op.value if op.value.startswith((" ", "\t")) else " " + op.value
-    return Header(op.name, value.encode("utf-8", "surrogateescape"))
+    def _field(self, op: HeaderOp) -> Header:
+        # Stored as "Name: value" (a value with its own leading white space verbatim),
+        # and sent to the next milter as the bytes after the colon.
+        value = op.value
+        if not self._verbatim and not value.startswith((" ", "\t")):
+            value = " " + value
+        return Header(op.name, value.encode("utf-8", "surrogateescape"))

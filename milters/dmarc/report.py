@@ -32,10 +32,11 @@ from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 from milters import __version__
-from milters.core.errors import PermError, TempError
+from milters.core.errors import MiltersError, PermError, TempError
 from milters.dmarc.evaluate import Discovery, DnsLookup, Lookups, normalize_domain
 from milters.dmarc.history import HistoryEntry, HistoryStore, ReportSend
 from milters.dmarc.record import is_dmarc
+from milters.dmarc.settings import DmarcSettings
 
 NAMESPACE = "urn:ietf:params:xml:ns:dmarc-2.0"
 
@@ -334,6 +335,67 @@ def deliver(report: AggregateReport, addresses: Sequence[str], store: HistorySto
         store.log_send(ReportSend(report.report_id, address, report.policy_domain,
                                   report.begin, report.end, "sent", attempts, now, 0))
         out.sent.append((report.report_id, address))
+
+
+@dataclass
+class ReportRun:
+    """What one `milters dmarc report` run did: each report built, with who may
+    have it (and, with --dry-run, the file it went to), then the deliveries."""
+
+    reports: list[tuple[AggregateReport, Authorization, Path | None]] = field(
+        default_factory=list)
+    delivery: Delivery = field(default_factory=Delivery)
+
+
+def send_reports(store: HistoryStore, begin: int, end: int, domains: Sequence[str],
+                 org_name: str, sender: str, now: int, dns: DnsLookup, discovery: Discovery,
+                 relay: Relay, *, dry_run: str | Path | None = None, resend: bool = False,
+                 send: SendFunction = send_report) -> ReportRun:
+    """The reports of [begin, end) for `domains` (all if empty), and, unless this
+    is a dry run, the reports of earlier periods whose failed sends are due again;
+    each sent to its authorized destinations (`deliver`), or with `dry_run`
+    written to that directory instead."""
+    built = build_reports(store.entries(begin, end, domains), begin, end, org_name, sender)
+    if not dry_run:
+        # Reports of earlier periods whose send failed and whose back-off has passed.
+        ids = {r.report_id for r in built}
+        for domain, b, e in due_retries(store, now):
+            for rep in build_reports(store.entries(b, e, [domain]), b, e, org_name, sender):
+                if rep.report_id not in ids:
+                    built.append(rep)
+                    ids.add(rep.report_id)
+    run = ReportRun()
+    for rep in built:
+        auth = authorized_destinations(rep, dns, discovery)
+        if dry_run:
+            run.reports.append((rep, auth, write_report(rep, dry_run)))
+            continue
+        run.reports.append((rep, auth, None))
+        deliver(rep, auth.allowed, store, relay, sender, now, run.delivery, resend, send)
+    return run
+
+
+def relay_from_settings(settings: DmarcSettings) -> Relay:
+    """The relay of [dmarc] report_smtp_*, with the password from its file."""
+    return Relay(settings.report_smtp_host, settings.report_smtp_port,
+                 settings.report_smtp_tls, settings.report_smtp_cafile,
+                 settings.report_smtp_user, _read_secret(settings.report_smtp_password_file))
+
+
+def _read_secret(path: str) -> str:
+    """The first line of a password file ("" for no file)."""
+    if not path:
+        return ""
+    try:
+        lines = Path(path).read_text().splitlines()
+        return lines[0] if lines else ""
+    except OSError as exc:
+        raise MiltersError(f"[dmarc] report_smtp_password_file: {exc}") from None
+
+
+def report_sender(settings: DmarcSettings, authserv_id: str) -> str:
+    """The From address of aggregate and failure reports ([dmarc] report_email)."""
+    return settings.report_email or f"dmarc-noreply@{authserv_id}"
 
 
 def write_report(report: AggregateReport, directory: str | Path) -> Path:

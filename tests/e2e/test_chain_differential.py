@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from milters import registry
-from milters.client import Envelope
+from milters.core.envelope import Envelope
 from milters.core.model import parse_message
 from milters.offline import Report, run_offline
 from tests.e2e.postfix import MYHOSTNAME, PostfixInstance, Reply, SendResult

@@ -16,8 +16,9 @@ from pathlib import Path
 import dkim
 import pytest
 
-from milters import client
+from milters.client.probe import probe
 from milters.core.dkim_verify import verify_all
+from milters.core.envelope import Envelope
 from tests.e2e.postfix import PostfixInstance
 from tests.e2e.suite import (
     ALIGNED,
@@ -111,9 +112,9 @@ def opendkim_verifies(raw: bytes, keys: Keys, workdir: Path,
     proc = factory.start(["opendkim", "-f", "-x", str(conf)], port)
     try:
         wire = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        env = client.Envelope(client_ip=OUTSIDE_IP, client_name="mx.outside.example",
-                              mail_from=f"alice@{OURS}", rcpt_to=["bob@example.net"])
-        r = client.probe(f"inet:{port}@127.0.0.1", wire, env, timeout=15)
+        env = Envelope(client_ip=OUTSIDE_IP, client_name="mx.outside.example",
+                       mail_from=f"alice@{OURS}", rcpt_to=["bob@example.net"])
+        r = probe(f"inet:{port}@127.0.0.1", wire, env, timeout=15)
     finally:
         proc.kill()
     text = ar_text([e.value for e in r.header_edits if e.name == "Authentication-Results"])

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.probe import ProbeResult, probe
+from milters.client.session import MilterSession
+from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port, wait_until
 
@@ -50,13 +52,13 @@ def message(action: str, extra: bytes = b"") -> bytes:
     )
 
 
-Probe = Callable[..., client.ProbeResult]
+Probe = Callable[..., ProbeResult]
 
 
-def run(spec: str, action: str, extra: bytes = b"", **env: object) -> client.ProbeResult:
-    envelope = client.Envelope(client_ip="192.0.2.9", mail_from="s@example.com",
-                               **env)  # type: ignore[arg-type]
-    return client.probe(spec, message(action, extra), envelope, timeout=15)
+def run(spec: str, action: str, extra: bytes = b"", **env: object) -> ProbeResult:
+    envelope = Envelope(client_ip="192.0.2.9", mail_from="s@example.com",
+                        **env)  # type: ignore[arg-type]
+    return probe(spec, message(action, extra), envelope, timeout=15)
 
 
 def test_accept_inserts_results_at_top(enforce: str) -> None:
@@ -154,8 +156,8 @@ def test_negotiates_only_what_it_needs(enforce: str) -> None:
 
 
 def test_two_messages_on_one_connection(enforce: str) -> None:
-    with client.MilterSession(enforce, timeout=15) as s:
-        s.connect(client.Envelope(client_ip="192.0.2.7"))
+    with MilterSession(enforce, timeout=15) as s:
+        s.connect(Envelope(client_ip="192.0.2.7"))
         for action, expected in (("reject", "reject"), ("none", "accept")):
             s.mail("s@example.com")
             s.rcpt("u@example.com")
@@ -165,9 +167,9 @@ def test_two_messages_on_one_connection(enforce: str) -> None:
 
 
 def test_client_vanishing_mid_message_does_not_hurt(enforce: str) -> None:
-    s = client.MilterSession(enforce, timeout=15)
+    s = MilterSession(enforce, timeout=15)
     s.open()
-    s.connect(client.Envelope(client_ip="192.0.2.8"))
+    s.connect(Envelope(client_ip="192.0.2.8"))
     s.mail("s@example.com")
     s.rcpt("u@example.com")
     s.header("Subject", b" cut")
@@ -194,9 +196,9 @@ def test_prefork_workers_share_the_socket(processes: ProcessFactory) -> None:
 def test_sigterm_drains_open_session(processes: ProcessFactory) -> None:
     proc = start_scripted(processes)
     spec = f"inet:{proc.port}@127.0.0.1"
-    s = client.MilterSession(spec, timeout=30)
+    s = MilterSession(spec, timeout=30)
     s.open()
-    s.connect(client.Envelope(client_ip="192.0.2.8"))
+    s.connect(Envelope(client_ip="192.0.2.8"))
     s.mail("s@example.com")
     s.rcpt("u@example.com")
     os.kill(proc.pid, signal.SIGTERM)

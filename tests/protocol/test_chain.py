@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.edits import apply_header_edits, parse_message
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from milters.dkim.keytools import genkey
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ProcessFactory, free_port
@@ -77,22 +79,22 @@ def message(sender: str, subject: str, extra: str = "") -> bytes:
             f"Message-ID: <{subject.replace(' ', '.')}@x>\r\n\r\nHello world\r\n").encode()
 
 
-def send(spec: str, raw: bytes, sender: str, auth: str = "") -> client.ProbeResult:
-    env = client.Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
-                          mail_from=sender, rcpt_to=["bob@example.net"], auth_user=auth)
-    return client.probe(spec, raw, env, timeout=30)
+def send(spec: str, raw: bytes, sender: str, auth: str = "") -> ProbeResult:
+    env = Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
+                   mail_from=sender, rcpt_to=["bob@example.net"], auth_user=auth)
+    return probe(spec, raw, env, timeout=30)
 
 
-def delivered(raw: bytes, r: client.ProbeResult) -> bytes:
+def delivered(raw: bytes, r: ProbeResult) -> bytes:
     """The message as Postfix would store it after the chain's edits."""
-    headers, body = client.parse_message(raw)
-    edited = client.apply_header_edits(headers, r.header_edits,
-                                       leading_space=r.negotiated.leading_space)
+    headers, body = parse_message(raw)
+    edited = apply_header_edits(headers, r.header_edits,
+                                leading_space=r.negotiated.leading_space)
     return b"".join(n.encode() + b":" + v.replace(b"\n", b"\r\n") + b"\r\n"
                     for n, v in edited) + b"\r\n" + body
 
 
-def results(r: client.ProbeResult) -> str:
+def results(r: ProbeResult) -> str:
     return " ".join(" ".join(e.value.split()) for e in r.header_edits
                     if e.name == "Authentication-Results")
 

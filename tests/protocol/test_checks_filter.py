@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.errors import MilterClientError
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port, wait_until
 
@@ -70,11 +72,11 @@ def checks(start: Start) -> str:
 
 
 def send(spec: str, headers: str, body: bytes = b"hello\r\n",
-         rcpt: tuple[str, ...] = ("u@example.com",)) -> client.ProbeResult:
+         rcpt: tuple[str, ...] = ("u@example.com",)) -> ProbeResult:
     msg = ("From: a@example.com\r\nTo: u@example.com\r\n" + headers).encode() + b"\r\n" + body
-    env = client.Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
-                          mail_from="a@example.com", rcpt_to=list(rcpt))
-    return client.probe(spec, msg, env, timeout=15)
+    env = Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
+                   mail_from="a@example.com", rcpt_to=list(rcpt))
+    return probe(spec, msg, env, timeout=15)
 
 
 def test_clean_message_accepted_untouched(checks: str) -> None:
@@ -221,6 +223,6 @@ def test_oversized_packet_gets_a_defined_answer(checks: str) -> None:
     """A 1 MB header line is beyond what libmilter accepts in one packet: the
     connection ends (Postfix then applies milter_default_action) and the filter
     keeps serving."""
-    with pytest.raises(client.MilterClientError):
+    with pytest.raises(MilterClientError):
         send(checks, "X-Huge: " + "y" * 1_048_576 + "\r\n")
     assert send(checks, "Subject: after\r\n").verdict == "accept"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind
 from tests.support.clamd import Clamd, eicar_attachment, eicar_in_body, eicar_zip, message
 from tests.support.processes import ProcessFactory, free_port
@@ -56,14 +57,14 @@ def clamav(start: Start) -> str:
     return start()
 
 
-def send(spec: str, raw: bytes, **envelope: str) -> client.ProbeResult:
-    env = client.Envelope(client_ip=envelope.pop("client_ip", "198.51.100.7"),
-                          client_name="mail.sender.example", mail_from="sender@sender.example",
-                          rcpt_to=["user@test.example"], **envelope)
-    return client.probe(spec, raw, env, timeout=15)
+def send(spec: str, raw: bytes, **envelope: str) -> ProbeResult:
+    env = Envelope(client_ip=envelope.pop("client_ip", "198.51.100.7"),
+                   client_name="mail.sender.example", mail_from="sender@sender.example",
+                   rcpt_to=["user@test.example"], **envelope)
+    return probe(spec, raw, env, timeout=15)
 
 
-def added(r: client.ProbeResult) -> dict[str, str]:
+def added(r: ProbeResult) -> dict[str, str]:
     return {e.name: e.value.strip() for e in r.header_edits
             if e.kind in (EditKind.ADD, EditKind.INSERT)}
 

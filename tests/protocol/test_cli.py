@@ -124,6 +124,37 @@ def test_serve_restarts_a_dead_filter_and_stops_cleanly(tmp_path: Path) -> None:
         factory.close()
 
 
+def test_serve_reload_moves_a_filter_and_starts_a_newly_enabled_one(tmp_path: Path) -> None:
+    checks_port, moved_port, spf_port = free_port(), free_port(), free_port()
+    cfg = tmp_path / "m.toml"
+    others = "".join(f"[{n}]\nenabled = false\n" for n in registry.FILTERS
+                     if n not in ("checks", "spf"))
+    cfg.write_text(f'[checks]\nsocket = "inet:{checks_port}@127.0.0.1"\n'
+                   '[spf]\nenabled = false\n' + others)
+    factory = ProcessFactory()
+    try:
+        serve = factory.start([sys.executable, "-m", "milters", "serve", "--config", str(cfg)],
+                              checks_port, env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        cfg.write_text(f'[checks]\nsocket = "inet:{moved_port}@127.0.0.1"\n'
+                       f'[spf]\nsocket = "inet:{spf_port}@127.0.0.1"\n' + others)
+        os.kill(serve.pid, signal.SIGHUP)
+        assert wait_until(lambda: "configuration reloaded" in serve.output(), 20)
+        assert wait_until(lambda: port_accepts(moved_port) and port_accepts(spf_port), 30), \
+            serve.output()
+        assert wait_until(lambda: not port_accepts(checks_port), 30), serve.output()
+        children = Path(f"/proc/{serve.pid}/task/{serve.pid}/children")
+        assert wait_until(lambda: len(children.read_text().split()) == 2, 30), serve.output()
+    finally:
+        factory.close()
+
+
+def test_serve_with_nothing_enabled_is_a_config_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text("".join(f"[{n}]\nenabled = false\n" for n in registry.FILTERS))
+    out = milters("serve", "--config", str(cfg))
+    assert out.returncode == 78 and "no filter is enabled" in out.stderr, out.stderr
+
+
 def test_genkey_into_a_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-dir"
     out = milters("dkim", "genkey", "--domain", "example.com", "--selector", "s",

@@ -1,4 +1,4 @@
-"""The milter client (milters/client.py) against real pymilter milters and scripted fakes.
+"""The milter client (milters/client/) against real pymilter milters and scripted fakes.
 
 The pymilter milters live in tests/protocol/milters/ and run as subprocesses,
 one per module where they keep no state between tests. The fakes are tiny
@@ -22,24 +22,14 @@ from typing import Any
 
 import pytest
 
-from milters.client import (
-    ActionFlag,
-    Envelope,
-    MilterClosed,
-    MilterSession,
-    MilterTimeout,
-    MilterUnavailable,
-    ProbeResult,
-    ProtocolError,
-    ProtocolFlag,
-    RecipientChange,
-    SenderChange,
-    apply_header_edits,
-    format_probe,
-    parse_message,
-    probe,
-    run_transaction,
-)
+from milters.client.edits import apply_header_edits, parse_message
+from milters.client.errors import MilterClosed, MilterTimeout, MilterUnavailable, ProtocolError
+from milters.client.probe import ProbeResult, probe, run_transaction
+from milters.client.replies import RecipientChange, SenderChange
+from milters.client.report import format_probe
+from milters.client.session import MilterSession
+from milters.client.wire import ActionFlag, ProtocolFlag
+from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind, HeaderEdit
 from tests.support.processes import free_port
 

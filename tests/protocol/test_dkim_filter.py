@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.edits import apply_header_edits, parse_message
+from milters.client.errors import MilterClientError
+from milters.client.probe import probe
+from milters.core.envelope import Envelope
 from milters.dkim.keys import load_private_key
 from milters.dkim.keytools import genkey
 from tests.support.dns import LoopbackDNS, dns_server
@@ -65,22 +68,22 @@ def running(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory
 
 
 def sign(spec: str, message: bytes = MESSAGE) -> bytes:
-    env = client.Envelope(client_ip="203.0.113.9", client_name="laptop.example.net",
-                          mail_from="alice@example.com", rcpt_to=["bob@example.net"],
+    env = Envelope(client_ip="203.0.113.9", client_name="laptop.example.net",
+                   mail_from="alice@example.com", rcpt_to=["bob@example.net"],
                           auth_user="alice")
-    r = client.probe(spec, message, env, timeout=30)
+    r = probe(spec, message, env, timeout=30)
     assert r.verdict == "accept", r.smtp_reply
-    headers, body = client.parse_message(message)
-    edited = client.apply_header_edits(headers, r.header_edits,
-                                       leading_space=r.negotiated.leading_space)
+    headers, body = parse_message(message)
+    edited = apply_header_edits(headers, r.header_edits,
+                                leading_space=r.negotiated.leading_space)
     return b"".join(n.encode() + b":" + v.replace(b"\n", b"\r\n") + b"\r\n"
                     for n, v in edited) + b"\r\n" + body
 
 
 def verify(spec: str, message: bytes) -> list[str]:
-    env = client.Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
-                          mail_from="alice@example.com", rcpt_to=["bob@example.net"])
-    r = client.probe(spec, message, env, timeout=30)
+    env = Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
+                   mail_from="alice@example.com", rcpt_to=["bob@example.net"])
+    r = probe(spec, message, env, timeout=30)
     ar = " ".join(e.value for e in r.header_edits if e.name == "Authentication-Results")
     return re.findall(r"dkim=(\w+)", ar)
 
@@ -96,8 +99,8 @@ def test_signs_authenticated_submission_and_verifies_it_inbound(running: tuple) 
 
 def test_ar_fields_as_opendkim_writes_them(running: tuple) -> None:
     spec = running[0]
-    env = client.Envelope(client_ip="198.51.100.7", mail_from="alice@example.com")
-    r = client.probe(spec, sign(spec), env, timeout=30)
+    env = Envelope(client_ip="198.51.100.7", mail_from="alice@example.com")
+    r = probe(spec, sign(spec), env, timeout=30)
     [ar] = [e for e in r.header_edits if e.name == "Authentication-Results"]
     value = " ".join(ar.value.split())
     assert value.startswith("mx.test.example;")
@@ -118,7 +121,7 @@ def test_concurrent_signing_and_verifying(running: tuple) -> None:
             msg = MESSAGE.replace(b"Hello", f"Hello {n}-{i}".encode())
             try:
                 got = verify(spec, sign(spec, msg))
-            except client.MilterClientError as exc:
+            except MilterClientError as exc:
                 errors.append(f"{n}-{i}: {exc}")
                 continue
             if got != ["pass", "pass"]:

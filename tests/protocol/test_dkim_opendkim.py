@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.probe import probe
+from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind
 from milters.dkim import DkimFilter, DkimSettings
 from milters.dkim.keytools import genkey
@@ -92,9 +93,9 @@ def opendkim(keydir: Path) -> Iterator[StartOpenDKIM]:
 
 def opendkim_results(spec: str, message: bytes) -> list[tuple[str, str]]:
     """(result, header.a) of each dkim= result in OpenDKIM's Authentication-Results."""
-    env = client.Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
-                          mail_from="alice@example.com", rcpt_to=["bob@example.net"])
-    r = client.probe(spec, message, env, timeout=15)
+    env = Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
+                   mail_from="alice@example.com", rcpt_to=["bob@example.net"])
+    r = probe(spec, message, env, timeout=15)
     ar = [e.value for e in r.header_edits if e.name == "Authentication-Results"]
     assert ar, f"OpenDKIM wrote no Authentication-Results: {r.header_edits}"
     text = " ".join(" ".join(ar).split())
@@ -103,9 +104,9 @@ def opendkim_results(spec: str, message: bytes) -> list[tuple[str, str]]:
 
 
 def opendkim_sign(spec: str, message: bytes) -> bytes:
-    env = client.Envelope(client_ip="127.0.0.1", client_name="localhost",
-                          mail_from="alice@example.com", rcpt_to=["bob@example.net"])
-    r = client.probe(spec, message, env, timeout=15)
+    env = Envelope(client_ip="127.0.0.1", client_name="localhost",
+                   mail_from="alice@example.com", rcpt_to=["bob@example.net"])
+    r = probe(spec, message, env, timeout=15)
     sigs = [e for e in r.header_edits if e.name == "DKIM-Signature"]
     assert sigs, f"OpenDKIM did not sign: {r.verdict} {r.smtp_reply} {r.header_edits}"
     edits = [type(e)(EditKind.INSERT, e.name, e.value.lstrip(" "), 0) for e in sigs]

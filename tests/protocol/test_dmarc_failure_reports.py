@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 from aiosmtpd.controller import Controller
 
-from milters import client
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ProcessFactory, free_port
 
@@ -51,14 +52,14 @@ class Sink:
         return "250 OK"
 
 
-def send(spec: str, domain: str, client_ip: str) -> client.ProbeResult:
+def send(spec: str, domain: str, client_ip: str) -> ProbeResult:
     msg = (f"From: Alice <alice@{domain}>\r\nTo: Bob <bob.smith@test.example>\r\n"
            f"Subject: private matters\r\nMessage-ID: <42@{domain}>\r\n\r\n{SECRET}\r\n"
            ).encode()
-    env = client.Envelope(client_ip=client_ip, client_name="mail.example.net",
-                          helo="mail.example.net", mail_from=f"bounce@{domain}",
-                          rcpt_to=["bob.smith@test.example"])
-    return client.probe(spec, msg, env, timeout=15)
+    env = Envelope(client_ip=client_ip, client_name="mail.example.net",
+                   helo="mail.example.net", mail_from=f"bounce@{domain}",
+                   rcpt_to=["bob.smith@test.example"])
+    return probe(spec, msg, env, timeout=15)
 
 
 def start(factory: ProcessFactory, d: Path, dns: LoopbackDNS, extra: str,

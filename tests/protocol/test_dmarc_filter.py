@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind
 from milters.dmarc.history import SqliteHistory
 from tests.support.dns import LoopbackDNS, dns_server
@@ -55,16 +56,16 @@ def start(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
 
 def send(spec: str, extra_headers: str = "", client_ip: str = "198.51.100.7",
-         mail_from: str = "bounce@example.com") -> client.ProbeResult:
+         mail_from: str = "bounce@example.com") -> ProbeResult:
     msg = (extra_headers + "From: Alice <alice@example.com>\r\nTo: u@test.example\r\n"
            "Subject: hi\r\n\r\nhello\r\n").encode()
-    env = client.Envelope(client_ip=client_ip, client_name="mail.example.net",
-                          helo="mail.example.net", mail_from=mail_from,
-                          rcpt_to=["u@test.example"])
-    return client.probe(spec, msg, env, timeout=15)
+    env = Envelope(client_ip=client_ip, client_name="mail.example.net",
+                   helo="mail.example.net", mail_from=mail_from,
+                   rcpt_to=["u@test.example"])
+    return probe(spec, msg, env, timeout=15)
 
 
-def ar_values(r: client.ProbeResult) -> list[str]:
+def ar_values(r: ProbeResult) -> list[str]:
     return [" ".join(e.value.split()) for e in r.header_edits
             if e.kind is EditKind.INSERT and e.name == "Authentication-Results"]
 

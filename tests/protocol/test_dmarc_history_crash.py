@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.errors import MilterClientError
+from milters.client.probe import probe
+from milters.core.envelope import Envelope
 from milters.dmarc.history import Journal, SqliteHistory
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port, wait_until
@@ -40,13 +42,13 @@ def start(factory: ProcessFactory, config: Path, port: int) -> ManagedProcess:
     return factory.start(argv, port, env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
 
 
-def message(n: int) -> tuple[bytes, client.Envelope]:
+def message(n: int) -> tuple[bytes, Envelope]:
     # The envelope domain names the message: it is a column of its history row.
     msg = ("From: Alice <alice@example.com>\r\nTo: u@test.example\r\n"
            f"Subject: {n}\r\n\r\nhello\r\n").encode()
-    env = client.Envelope(client_ip="192.0.2.10", client_name="mail.example.net",
-                          helo="mail.example.net", mail_from=f"b@m{n}.example.org",
-                          rcpt_to=["u@test.example"])
+    env = Envelope(client_ip="192.0.2.10", client_name="mail.example.net",
+                   helo="mail.example.net", mail_from=f"b@m{n}.example.org",
+                   rcpt_to=["u@test.example"])
     return msg, env
 
 
@@ -71,8 +73,8 @@ class Load:
                         return
                 msg, env = message(n)
                 try:
-                    r = client.probe(self.spec, msg, env, timeout=15)
-                except client.MilterClientError:
+                    r = probe(self.spec, msg, env, timeout=15)
+                except MilterClientError:
                     with self.lock:
                         self.failed.append(n)
                     return  # the filter is gone

@@ -25,7 +25,8 @@ from pathlib import Path
 import publicsuffixlist
 import pytest
 
-from milters import client
+from milters.client.probe import probe
+from milters.core.envelope import Envelope
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.namespace import DNS53, private_resolver_argv, private_resolver_usable
 from tests.support.processes import ProcessFactory, free_port
@@ -173,7 +174,7 @@ def milters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Itera
         specs[method] = f"inet:{port}@127.0.0.1"
 
     def prober(spec: str) -> Probe:
-        def probe(case: Case) -> str:
+        def run_case(case: Case) -> str:
             ar = f"Authentication-Results: {AUTHSERV}; {case.ar}\r\n" if case.ar else ""
             msg = (f"{ar}From: {case.from_}\r\nTo: u@test.example\r\nSubject: {case.name}\r\n"
                    "\r\nhello\r\n").encode()
@@ -181,12 +182,12 @@ def milters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Itera
             # upstream spf result for another domain than MAIL FROM's).
             m = re.search(r"smtp\.mailfrom=(\S+)", case.ar)
             mail_from = "b@" + (m.group(1) if m else "example.com")
-            env = client.Envelope(client_ip="198.51.100.7", mail_from=mail_from,
-                                  rcpt_to=["u@test.example"])
-            r = client.probe(spec, msg, env, timeout=20)
+            env = Envelope(client_ip="198.51.100.7", mail_from=mail_from,
+                           rcpt_to=["u@test.example"])
+            r = probe(spec, msg, env, timeout=20)
             return results([e.value for e in r.header_edits
                             if e.name == "Authentication-Results"])
-        return probe
+        return run_case
 
     yield {name: prober(spec) for name, spec in specs.items()}
     factory.close()

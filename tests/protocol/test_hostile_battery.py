@@ -21,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.errors import MilterClientError
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from tests.support.clamd import Clamd
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port
@@ -32,9 +34,9 @@ ROOT = Path(__file__).resolve().parents[2]
 AUTHSERV = "mx.test.example"
 FILTERS = ("dkim", "spf", "dmarc", "clamav", "checks")
 ANSWER_WITHIN = 5.0  # seconds, the bound; the client waits longer to see a hang
-OUTSIDE = client.Envelope(client_ip="198.51.100.7", client_name="mail.outside.example",
-                          helo="mail.outside.example", mail_from="bounce@bank.example",
-                          rcpt_to=["user@test.example"])
+OUTSIDE = Envelope(client_ip="198.51.100.7", client_name="mail.outside.example",
+                   helo="mail.outside.example", mail_from="bounce@bank.example",
+                   rcpt_to=["user@test.example"])
 
 
 def _msg(headers: str | bytes, body: bytes = b"hello\r\n") -> bytes:
@@ -156,11 +158,11 @@ def _rss_kib(pids: list[int]) -> int:
     return total
 
 
-def _timed(spec: str, message: bytes, env: client.Envelope) -> tuple[float, object]:
+def _timed(spec: str, message: bytes, env: Envelope) -> tuple[float, object]:
     started = time.monotonic()
     try:
-        outcome: object = client.probe(spec, message, env, timeout=30)
-    except client.MilterClientError as exc:
+        outcome: object = probe(spec, message, env, timeout=30)
+    except MilterClientError as exc:
         outcome = exc
     return time.monotonic() - started, outcome
 
@@ -195,17 +197,17 @@ def test_every_hostile_case_gets_a_defined_answer(filters: dict[str, Running],
     level = _rss_kib(before_pids)
     failures = []
     for case, (message, changes) in CASES.items():
-        env = client.Envelope(**{**OUTSIDE.__dict__, **changes})  # type: ignore[arg-type]
+        env = Envelope(**{**OUTSIDE.__dict__, **changes})  # type: ignore[arg-type]
         seen = len(f.proc.output())
         (took, outcome), (normal_took, normal) = _normal_meanwhile(
             f.spec, lambda m=message, e=env: _timed(f.spec, m, e))
-        if not isinstance(outcome, client.ProbeResult) or took > ANSWER_WITHIN:
+        if not isinstance(outcome, ProbeResult) or took > ANSWER_WITHIN:
             failures.append(f"{case}: {outcome!r} after {took:.1f} s")
         # A defined answer is the filter's own, not the backstop's on_error.
         written = f.proc.output()[seen:]
         if "Traceback" in written or "untrapped" in written:
             failures.append(f"{case}: an exception reached the backstop:\n{written[-1500:]}")
-        if not isinstance(normal, client.ProbeResult) or normal_took > ANSWER_WITHIN:
+        if not isinstance(normal, ProbeResult) or normal_took > ANSWER_WITHIN:
             failures.append(f"{case}: the normal message meanwhile got {normal!r} "
                             f"after {normal_took:.1f} s")
     assert not failures, "\n".join(failures)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,14 +53,14 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ManagedPr
 
 
 def send(spec: str, headers: str, body: bytes = b"hello\r\n",
-         timeout: float = 30) -> client.ProbeResult:
+         timeout: float = 30) -> ProbeResult:
     msg = ("From: a@example.com\r\nTo: u@example.com\r\n" + headers).encode() + b"\r\n" + body
-    env = client.Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
-                          mail_from="a@example.com", rcpt_to=["u@example.com"])
-    return client.probe(spec, msg, env, timeout=timeout)
+    env = Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
+                   mail_from="a@example.com", rcpt_to=["u@example.com"])
+    return probe(spec, msg, env, timeout=timeout)
 
 
-def timed(spec: str, headers: str, body: bytes = b"hello\r\n") -> tuple[client.ProbeResult,
+def timed(spec: str, headers: str, body: bytes = b"hello\r\n") -> tuple[ProbeResult,
                                                                          float]:
     started = time.monotonic()
     result = send(spec, headers, body)
@@ -88,7 +89,7 @@ def test_hostile_subject_gets_on_error_and_a_normal_message_is_not_starved(
     # running search is timed by the worker's CPU clock, so on a machine short of
     # CPU the wall time stretches: 1.5 s keeps a wide margin under 5 s.)
     result = hostile["result"]
-    assert isinstance(result, client.ProbeResult)
+    assert isinstance(result, ProbeResult)
     assert result.verdict == "tempfail", result.smtp_reply
     assert result.smtp_reply.startswith("451 4.3.0")
     assert isinstance(hostile["took"], float) and hostile["took"] < 5

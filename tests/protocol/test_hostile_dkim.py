@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.edits import apply_header_edits, parse_message
+from milters.client.probe import ProbeResult, probe
 from milters.core.dkim_verify import canonicalize_body
+from milters.core.envelope import Envelope
 from milters.dkim.keytools import genkey
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port, others_disabled
@@ -30,9 +32,9 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: bob@example.net\r\n"
 NOW = int(time.time())
 GOOD = (b"v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.com; s=rsa; t=" +
         str(NOW).encode() + b";\r\n\th=from:to:subject; bh=AAAA; b=AAAA")
-INBOUND = client.Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
-                          helo="mail.example.net", mail_from="alice@example.com",
-                          rcpt_to=["bob@example.net"])
+INBOUND = Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
+                   helo="mail.example.net", mail_from="alice@example.com",
+                   rcpt_to=["bob@example.net"])
 
 
 def _field(value: bytes) -> bytes:
@@ -101,20 +103,20 @@ def milters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory
     factory.close()
 
 
-def dkim_results(r: client.ProbeResult) -> list[str]:
+def dkim_results(r: ProbeResult) -> list[str]:
     ar = " ".join(e.value for e in r.header_edits if e.name == "Authentication-Results")
     return re.findall(r"dkim=(\w+)", ar)
 
 
-def sign(spec: str, message: bytes, timeout: float = 30) -> tuple[bytes, client.ProbeResult]:
+def sign(spec: str, message: bytes, timeout: float = 30) -> tuple[bytes, ProbeResult]:
     """`message` as our filter signs it for an authenticated sender, and as sent on."""
-    env = client.Envelope(client_ip="203.0.113.9", mail_from="alice@example.com",
-                          rcpt_to=["bob@example.net"], auth_user="alice")
-    r = client.probe(spec, message, env, timeout=timeout)
+    env = Envelope(client_ip="203.0.113.9", mail_from="alice@example.com",
+                   rcpt_to=["bob@example.net"], auth_user="alice")
+    r = probe(spec, message, env, timeout=timeout)
     assert r.verdict in ("accept", "continue"), r.smtp_reply
-    headers, body = client.parse_message(message)
-    edited = client.apply_header_edits(headers, r.header_edits,
-                                       leading_space=r.negotiated.leading_space)
+    headers, body = parse_message(message)
+    edited = apply_header_edits(headers, r.header_edits,
+                                leading_space=r.negotiated.leading_space)
     if r.replaced_body is not None:
         body = r.replaced_body
     return b"".join(n.encode() + b":" + v.replace(b"\n", b"\r\n") + b"\r\n"
@@ -127,16 +129,16 @@ def test_hostile_signature_is_permerror_and_the_filter_goes_on(
     spec, proc = milters["dkim"]
     signed, _ = sign(spec, MESSAGE)
     started = time.monotonic()
-    r = client.probe(spec, HOSTILE[hostile] + signed, INBOUND, timeout=10)
+    r = probe(spec, HOSTILE[hostile] + signed, INBOUND, timeout=10)
     assert time.monotonic() - started < 5
     # Not on_error (tempfail): the hostile signature is permerror, ours still passes.
     expected = "fail" if hostile in FAILS else "permerror"
     assert r.verdict in ("accept", "continue"), r.smtp_reply
     assert dkim_results(r) == [expected, "pass"]
     # Alone, it is a defined result too, and the worker serves the next message.
-    r = client.probe(spec, HOSTILE[hostile] + MESSAGE, INBOUND, timeout=10)
+    r = probe(spec, HOSTILE[hostile] + MESSAGE, INBOUND, timeout=10)
     assert r.verdict in ("accept", "continue") and dkim_results(r) == [expected]
-    assert dkim_results(client.probe(spec, signed, INBOUND, timeout=10)) == ["pass"]
+    assert dkim_results(probe(spec, signed, INBOUND, timeout=10)) == ["pass"]
     assert proc.proc.poll() is None and "Traceback" not in proc.output()
 
 
@@ -153,7 +155,7 @@ def test_amplification_is_bounded(milters: dict[str, tuple[str, ManagedProcess]]
     value = GOOD.replace(b"h=from", b"h=from" + names).replace(b"bh=AAAA", b"bh=" + bh)
     fields = b"".join(b"X-A: %d\r\n" % i for i in range(5000))
     started = time.monotonic()
-    r = client.probe(spec, _field(value) * 10 + fields + signed, INBOUND, timeout=30)
+    r = probe(spec, _field(value) * 10 + fields + signed, INBOUND, timeout=30)
     assert time.monotonic() - started < 5
     # max_signatures (10) counts our signature too: it is the 11th, not verified.
     assert dkim_results(r) == ["fail"] * 10
@@ -166,7 +168,7 @@ def test_dmarc_goes_on_past_a_malformed_signature(
     unsigned spoof of a p=reject domain was delivered."""
     spec, proc = milters["dmarc"]
     for hostile in ("empty l=", "i= without @", "d= label too long", "NUL byte"):
-        r = client.probe(spec, HOSTILE[hostile] + MESSAGE, INBOUND, timeout=10)
+        r = probe(spec, HOSTILE[hostile] + MESSAGE, INBOUND, timeout=10)
         assert r.verdict == "reject", (hostile, r.smtp_reply)
         assert r.smtp_reply.startswith("550"), r.smtp_reply
     assert proc.proc.poll() is None and "Traceback" not in proc.output()
@@ -183,4 +185,4 @@ def test_fifty_megabyte_one_line_body(milters: dict[str, tuple[str, ManagedProce
     assert elapsed < 30, elapsed  # the filter itself takes ~2 s; the rest is the client
     assert r.replaced_body is not None
     assert max(len(x) for x in r.replaced_body.split(b"\r\n")) <= 998
-    assert dkim_results(client.probe(spec, out, INBOUND, timeout=120)) == ["pass"]
+    assert dkim_results(probe(spec, out, INBOUND, timeout=120)) == ["pass"]

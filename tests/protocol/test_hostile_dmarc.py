@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.probe import ProbeResult
+from milters.client.probe import probe as probe_milter
+from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port
@@ -103,21 +105,21 @@ def message(from_field: bytes, extra: bytes = b"") -> bytes:
 
 def probe(spec: str, raw: bytes, client_ip: str = ATTACKER_IP,
           mail_from: str = "x@attacker.example", helo: str = "mail.attacker.example",
-          ) -> client.ProbeResult:
-    env = client.Envelope(client_ip=client_ip, client_name="unknown", helo=helo,
-                          mail_from=mail_from, rcpt_to=["u@test.example"])
+          ) -> ProbeResult:
+    env = Envelope(client_ip=client_ip, client_name="unknown", helo=helo,
+                   mail_from=mail_from, rcpt_to=["u@test.example"])
     started = time.monotonic()
-    r = client.probe(spec, raw, env, timeout=BOUND * 3)
+    r = probe_milter(spec, raw, env, timeout=BOUND * 3)
     assert time.monotonic() - started < BOUND, f"{time.monotonic() - started:.1f} s"
     return r
 
 
-def ar_values(r: client.ProbeResult) -> list[str]:
+def ar_values(r: ProbeResult) -> list[str]:
     return [" ".join(e.value.split()) for e in r.header_edits
             if e.kind is EditKind.INSERT and e.name == "Authentication-Results"]
 
 
-def dmarc_result(r: client.ProbeResult) -> str:
+def dmarc_result(r: ProbeResult) -> str:
     found = [v for v in ar_values(r) if "dmarc=" in v]
     return found[0].split("dmarc=", 1)[1].split()[0] if found else ""
 

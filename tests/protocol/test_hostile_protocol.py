@@ -30,7 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.errors import MilterClientError
+from milters.client.probe import ProbeResult, probe
+from milters.client.replies import StageReply
+from milters.client.session import MilterSession
+from milters.core.envelope import Envelope
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port, wait_until
 
@@ -166,11 +170,11 @@ MESSAGE = (b"From: Alice <alice@example.com>\r\nTo: u@test.example\r\nSubject: h
            b"\r\nhello\r\n")
 
 
-def normal_message(f: Running) -> client.ProbeResult:
-    env = client.Envelope(client_ip="192.0.2.7", client_name="mail.example.net",
-                          helo="mail.example.net", mail_from="bounce@example.com",
-                          rcpt_to=["u@test.example"])
-    return client.probe(f.spec, MESSAGE, env, timeout=ANSWER_TIMEOUT * 3)
+def normal_message(f: Running) -> ProbeResult:
+    env = Envelope(client_ip="192.0.2.7", client_name="mail.example.net",
+                   helo="mail.example.net", mail_from="bounce@example.com",
+                   rcpt_to=["u@test.example"])
+    return probe(f.spec, MESSAGE, env, timeout=ANSWER_TIMEOUT * 3)
 
 
 def assert_unharmed(f: Running) -> None:
@@ -336,20 +340,20 @@ def test_bad_frames_close_cleanly(filters: dict[str, Running], name: str, case: 
 # -- 8-bit where pymilter wants UTF-8, through the client (Postfix's offer) ---
 
 
-def envelope(**overrides: object) -> client.Envelope:
+def envelope(**overrides: object) -> Envelope:
     values: dict[str, object] = {
         "client_ip": "192.0.2.7", "client_name": "mail.example.net",
         "helo": "mail.example.net", "mail_from": "bounce@example.com",
         "rcpt_to": ["u@test.example"],
     }
     values.update(overrides)
-    return client.Envelope(**values)  # type: ignore[arg-type]
+    return Envelope(**values)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", FILTERS)
 def test_invalid_utf8_helo_gets_a_filter_answer(filters: dict[str, Running], name: str) -> None:
     f = filters[name]
-    r = client.probe(f.spec, MESSAGE, envelope(helo="h\udcffst.example"), timeout=15)
+    r = probe(f.spec, MESSAGE, envelope(helo="h\udcffst.example"), timeout=15)
     assert r.verdict in ("accept", "continue", "reject", "tempfail"), r
     assert not any("pymilter" in x.smtp_reply or "malformed" in x.smtp_reply
                    for x in r.stages), r
@@ -360,8 +364,8 @@ def test_invalid_utf8_helo_gets_a_filter_answer(filters: dict[str, Running], nam
 def test_invalid_utf8_mail_from_gets_a_filter_answer(filters: dict[str, Running],
                                                      name: str) -> None:
     f = filters[name]
-    r = client.probe(f.spec, MESSAGE, envelope(mail_from="b\udcffunce@example.com"),
-                     timeout=15)
+    r = probe(f.spec, MESSAGE, envelope(mail_from="b\udcffunce@example.com"),
+              timeout=15)
     assert r.verdict in ("accept", "continue", "reject", "tempfail"), r
     assert not any("pymilter" in x.smtp_reply for x in r.stages), r
     assert_unharmed(f)
@@ -372,7 +376,7 @@ def test_utf8_header_name_is_answered(filters: dict[str, Running], name: str) ->
     f = filters[name]
     # (An invalid UTF-8 name is not a header field to the client, as to Postfix:
     # the raw battery sends that one.)
-    r = client.probe(f.spec, "X-Tëst: v\r\n".encode() + MESSAGE, envelope(), timeout=15)
+    r = probe(f.spec, "X-Tëst: v\r\n".encode() + MESSAGE, envelope(), timeout=15)
     assert r.verdict in ("accept", "continue", "reject", "tempfail"), r
     assert not any("pymilter" in x.smtp_reply for x in r.stages), r
     assert_unharmed(f)
@@ -383,10 +387,10 @@ def test_odd_macro_list_with_postfix_offer(filters: dict[str, Running], name: st
     """With the NR bits Postfix offers, a violation seen where no reply goes is
     answered at the next step that has one."""
     f = filters[name]
-    replies: list[client.StageReply] = []
-    with client.MilterSession(f.spec, timeout=ANSWER_TIMEOUT) as s:
+    replies: list[StageReply] = []
+    with MilterSession(f.spec, timeout=ANSWER_TIMEOUT) as s:
         # After MAIL: libmilter clears the lists of later stages at each stage.
-        steps: list[Callable[[], client.StageReply | list[client.StageReply]]] = [
+        steps: list[Callable[[], StageReply | list[StageReply]]] = [
             lambda: s.connect(envelope()), lambda: s.helo("mail.example.net"),
             lambda: s.mail("bounce@example.com"),
             lambda: [s.send_raw(b"D", b"M{mail_addr}\0odd\0one\0"), s.rcpt("u@test.example")][1],
@@ -407,7 +411,7 @@ def test_odd_macro_list_with_postfix_offer(filters: dict[str, Running], name: st
 def accepted(f: Running) -> bool:
     try:
         return normal_message(f).verdict == "accept"
-    except client.MilterClientError:
+    except MilterClientError:
         return False
 
 
@@ -434,11 +438,11 @@ def start_limited(tmp_path: Path, factory: ProcessFactory, extra: str,
 def test_connection_limit_answers_tempfail_and_logs(tmp_path: Path) -> None:
     with ProcessFactory() as factory:
         f = start_limited(tmp_path, factory, "max_connections = 2\n")
-        held = [client.MilterSession(f.spec, timeout=ANSWER_TIMEOUT) for _ in range(2)]
+        held = [MilterSession(f.spec, timeout=ANSWER_TIMEOUT) for _ in range(2)]
         for s in held:
             s.open()
             s.connect(envelope())
-        with client.MilterSession(f.spec, timeout=ANSWER_TIMEOUT) as extra:
+        with MilterSession(f.spec, timeout=ANSWER_TIMEOUT) as extra:
             refused = extra.connect(envelope())
         assert refused.action == "tempfail"
         assert refused.smtp_reply == "451 4.3.2 filter busy, try again later"

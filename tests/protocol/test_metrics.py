@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from milters import client
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,12 +88,12 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-def send(spec: str, subject: str, extra: str = "") -> client.ProbeResult:
+def send(spec: str, subject: str, extra: str = "") -> ProbeResult:
     msg = (f"From: a@example.com\r\nTo: u@example.com\r\nSubject: {subject}\r\n{extra}\r\n"
            "hello\r\n").encode()
-    env = client.Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
-                          mail_from="a@example.com", rcpt_to=["u@example.com"])
-    return client.probe(spec, msg, env, timeout=15)
+    env = Envelope(client_ip="198.51.100.7", client_name="mail.example.net",
+                   mail_from="a@example.com", rcpt_to=["u@example.com"])
+    return probe(spec, msg, env, timeout=15)
 
 
 def workers(proc: ManagedProcess, exporter: int) -> list[int]:

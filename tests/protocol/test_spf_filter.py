@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ProcessFactory, free_port
@@ -66,13 +67,13 @@ def spf(start: Start) -> str:
 
 
 def send(spec: str, mail_from: str, client_ip: str = CLIENT, helo: str = HELO,
-         rcpt: tuple[str, ...] = ("u@test.example",), auth: str = "") -> client.ProbeResult:
-    env = client.Envelope(client_ip=client_ip, client_name="unknown", helo=helo,
-                          mail_from=mail_from, rcpt_to=list(rcpt), auth_user=auth)
-    return client.probe(spec, MESSAGE, env, timeout=15)
+         rcpt: tuple[str, ...] = ("u@test.example",), auth: str = "") -> ProbeResult:
+    env = Envelope(client_ip=client_ip, client_name="unknown", helo=helo,
+                   mail_from=mail_from, rcpt_to=list(rcpt), auth_user=auth)
+    return probe(spec, MESSAGE, env, timeout=15)
 
 
-def ar_values(r: client.ProbeResult) -> list[str]:
+def ar_values(r: ProbeResult) -> list[str]:
     return [" ".join(e.value.split()) for e in r.header_edits
             if e.name == "Authentication-Results" and e.kind is not EditKind.DELETE]
 

@@ -39,6 +39,19 @@ def test_only_the_adapter_imports_pymilter() -> None:
     assert offenders == []
 
 
+def test_only_the_cli_uses_the_milter_client() -> None:
+    """The client (milters/client/) plays the MTA on the wire; what it shares with
+    the rest (the envelope, the macro lists) lives in core, which it imports."""
+    client = PACKAGE / "client"
+    offenders = [
+        str(p.relative_to(ROOT)) for p in modules()
+        if client not in p.parents and p.name != "cli.py"
+        and re.search(r"^\s*(from milters\.client\b|from milters import .*\bclient\b)",
+                      p.read_text(), re.M)
+    ]
+    assert offenders == []
+
+
 def test_no_filter_imports_another_filter() -> None:
     filters = set(registry.FILTERS)
     for p in modules():

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from milters import install, registry
-from milters.client import DEFAULT_MACRO_LISTS
 from milters.core.config import Config
+from milters.core.macros import DEFAULT_MACRO_LISTS, NEEDED_MACROS
 from milters.core.sockets import parse_socket
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,7 +133,7 @@ def test_the_macros_we_read_are_among_postfix_defaults() -> None:
     out = subprocess.run([str(POSTCONF), "-d", "milter_connect_macros", "milter_mail_macros"],
                          capture_output=True, text=True, timeout=60)
     defaults = dict(line.split(" = ", 1) for line in out.stdout.splitlines())
-    for stage, names in install.NEEDED_MACROS.items():
+    for stage, names in NEEDED_MACROS.items():
         have = defaults[f"milter_{stage}_macros"].split()
         assert set(names) <= set(have)
         assert tuple(have) == DEFAULT_MACRO_LISTS[stage]
