@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import enum
 import re
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -57,7 +58,24 @@ from milters.checks.actions import (
 )
 from milters.checks.cost import Prefixes, anchored_prefixes, as_re, free_length
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
-from milters.checks.screen import Needles, Screener, ScreenTimeout, fold, needles, screen_regex
+from milters.checks.posix import (
+    REG_EXTENDED,
+    REG_ICASE,
+    REG_NEWLINE,
+    PosixError,
+    PosixMatch,
+    PosixRegex,
+)
+from milters.checks.screen import (
+    Needles,
+    Screen,
+    Screener,
+    ScreenTimeout,
+    fold,
+    needles,
+    regex_screen,
+    screen_regex,
+)
 from milters.core.errors import ConfigError
 
 TABLE_TYPES = ("regexp", "pcre")
@@ -129,22 +147,33 @@ class Budget:
 UNLIMITED = Budget(None)  # immutable: no deadline to move
 
 
-Matcher = Callable[..., "rx.Match[str] | re.Match[str] | None"]
+Matcher = Callable[..., "Found | None"]
+Found = rx.Match[str] | re.Match[str] | PosixMatch
+
+# GNU's buffer anchors \` and \' pin the whole subject: in the joined lines they
+# would match at the first line's start and the last line's end only.
+_BUFFER_ANCHOR = re.compile(rb"\\[`']")
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """A compiled table pattern, negated or not, anchored (PCRE `A`) or not."""
+    """A compiled table pattern, negated or not, anchored (PCRE `A`) or not.
 
-    regex: rx.Pattern[str]
+    pcre: tables match with `regex`. regexp: tables match with glibc (`posix`, as
+    Postfix does); their translation to Python (patterns.py), when there is one,
+    only supplies the cheap tests in front (prefixes, needles).
+    """
+
+    regex: rx.Pattern[str] | None
     negated: bool = False
     anchored: bool = False
+    posix: PosixRegex | None = None
     # The bound search (or match, for PCRE's A flag): one lookup per line per rule;
-    # called with timeout= (seconds or None).
+    # called with timeout= (seconds or None) for pcre:.
     match: Matcher = field(init=False, repr=False, compare=False)
-    # The same pattern with ^ and $ at every line: one search over all the lines
-    # of a message tells whether it can match any of them (see screen.py).
-    screen: rx.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    # The rule's test against all the lines of a message at once: tells whether it
+    # can match any of them (see screen.py).
+    screen: Screen | None = field(init=False, repr=False, compare=False)
     # Subjects up to this long are searched without a timeout (see cost.py)...
     free_length: int = field(init=False, repr=False, compare=False)
     # ...by re's faster engine when it compiles the pattern (cost.as_re).
@@ -155,18 +184,40 @@ class Pattern:
     needles: Needles | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "match", self.regex.match if self.anchored else self.regex.search)
-        object.__setattr__(self, "free_length", free_length(self.regex))
-        fast = as_re(self.regex)
+        regex = self.regex
+        setattr_ = partial(object.__setattr__, self)
+        setattr_("prefixes", None if regex is None else anchored_prefixes(regex))
+        setattr_("needles", None if regex is None else needles(regex))
+        if self.posix is not None:
+            setattr_("match", self.posix.search)
+            setattr_("free_length", 0)
+            setattr_("fast", self.posix.search)
+            setattr_("screen", self._posix_screen(self.posix))
+            return
+        assert regex is not None, "a pcre: pattern is a regex"
+        setattr_("match", regex.match if self.anchored else regex.search)
+        setattr_("free_length", free_length(regex))
+        fast = as_re(regex)
         if fast is None:
-            object.__setattr__(self, "fast", partial(self.match, concurrent=False))
+            setattr_("fast", partial(self.match, concurrent=False))
         else:
-            object.__setattr__(self, "fast", fast.match if self.anchored else fast.search)
-        object.__setattr__(self, "prefixes", anchored_prefixes(self.regex))
-        object.__setattr__(self, "needles", needles(self.regex))
-        object.__setattr__(self, "screen", screen_regex(self.regex, self.negated, self.anchored))
+            setattr_("fast", fast.match if self.anchored else fast.search)
+        joined = screen_regex(regex, self.negated, self.anchored)
+        setattr_("screen", None if joined is None else regex_screen(joined))
 
-    def search(self, subject: str, budget: Budget) -> rx.Match[str] | re.Match[str] | None:
+    def _posix_screen(self, posix: PosixRegex) -> Screen | None:
+        """Needles, or glibc with REG_NEWLINE over the joined lines: a pattern that
+        matches a line (which holds no newline) matches the same bytes there, with
+        ^ and $ at each line's ends and `.` kept inside its line."""
+        if self.negated or _BUFFER_ANCHOR.search(posix.source):
+            return None
+        if self.needles is not None:
+            return Screen(self.needles, _unused_search)
+        joined = posix.with_flags(posix.flags | REG_NEWLINE)
+        return Screen(None, lambda text, _timeout: joined.search(text), joined.search,
+                      sys.maxsize)
+
+    def search(self, subject: str, budget: Budget) -> Found | None:
         """One lookup: a timeout only where the search could run long (cost.py)."""
         if len(subject) <= self.free_length:
             # Bounded work: no timeout to pay for, and the GIL kept (released for
@@ -174,16 +225,25 @@ class Pattern:
             # re's engine fails an anchored `^Subject:` on another line faster
             # than any test in Python could rule it out.
             return self.fast(subject)
-        # A cheap test before a timed search: most header rules are anchored at a
+        # A cheap test before the engine: most header rules are anchored at a
         # field name, and this rules their other lines out without the engine.
         if self.prefixes is not None and self.prefixes.rule_out(subject):
             return None
-        # A timed search costs a system call (cost.py): first the literals that
-        # every match contains.
+        # A timed search costs a system call (cost.py), a glibc one a foreign call:
+        # first the literals that every match contains.
         if self.needles is not None and not self.needles.found_in(
                 subject, fold(subject) if self.needles.caseless else subject):
             return None
+        if self.posix is not None:
+            # glibc does not backtrack: no timeout (the budget is still checked
+            # between lookups).
+            return self.posix.search(subject)
         return self.match(subject, timeout=budget.left())
+
+
+def _unused_search(_text: str, _timeout: float | None) -> object:
+    """A screen with needles is never searched (Screener.possible)."""
+    raise AssertionError("a screen with needles is not searched")
 
 
 @dataclass(frozen=True)
@@ -251,7 +311,7 @@ Possible = frozenset[int] | None
 
 
 def _search(pattern: Pattern, subject: str, budget: Budget, source: str
-            ) -> rx.Match[str] | re.Match[str] | None:
+            ) -> Found | None:
     try:
         return pattern.search(subject, budget)
     except TimeoutError:
@@ -582,28 +642,22 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
         warnings.append(f"{where}: ignoring obsolete regexp option \"X\"")
         flags = flags.replace("X", "")
     on = {f: flags.count(f) % 2 == 1 for f in allowed}  # each flag toggles its default
+    if kind == "regexp":
+        pattern, groups = _posix_pattern(source, on, negated, mode)
+        return pattern, groups, text[flag_end:]
     re_flags = 0
-    anchored = False
     try:
-        if kind == "regexp":
-            # regexp_table(5): i (case-insensitive, default on), x (extended, default
-            # on), m (REG_NEWLINE, default off).
-            newline = on["m"]
-            translated = translate_posix(source, extended=not on["x"], newline=newline).pattern
-            re_flags |= rx.MULTILINE if newline else rx.DOTALL
-        else:
-            # pcre_table(5): i (default on), s (DOTALL, default on), m, x, A, E, U.
-            translated = translate_pcre(
-                source, extended=on["x"], ungreedy=on["U"], dollar_endonly=on["E"],
-                # PCRE2 (Postfix 3.7 on Debian 12) rejects unknown escapes such as
-                # \\y whatever the X flag says, so the rule is skipped, as there.
-                multiline=on["m"], extra=True,
-            )
-            if on["m"]:
-                re_flags |= rx.MULTILINE
-            if not on["s"]:
-                re_flags |= rx.DOTALL
-            anchored = on["A"]
+        # pcre_table(5): i (default on), s (DOTALL, default on), m, x, A, E, U.
+        translated = translate_pcre(
+            source, extended=on["x"], ungreedy=on["U"], dollar_endonly=on["E"],
+            # PCRE2 (Postfix 3.7 on Debian 12) rejects unknown escapes such as
+            # \\y whatever the X flag says, so the rule is skipped, as there.
+            multiline=on["m"], extra=True,
+        )
+        if on["m"]:
+            re_flags |= rx.MULTILINE
+        if not on["s"]:
+            re_flags |= rx.DOTALL
         if not on["i"]:
             re_flags |= rx.IGNORECASE
         if mode is TextMode.BYTES:
@@ -611,6 +665,53 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
         # VERSION0: the `re`-compatible dialect the translations are written in.
         compiled = rx.compile(translated, re_flags | rx.VERSION0)
     except (PatternError, re.error, rx.error) as exc:
-        # dict_regexp.c: regerror() text; dict_pcre.c: "error in regex at offset N".
+        # dict_pcre.c: "error in regex at offset N".
         raise SkipRule(f"{kind} pattern /{source}/: {exc}: skipping this rule") from None
-    return Pattern(compiled, negated, anchored), compiled.groups, text[flag_end:]
+    return Pattern(compiled, negated, on["A"]), compiled.groups, text[flag_end:]
+
+
+def _posix_pattern(source: str, on: dict[str, bool], negated: bool, mode: TextMode
+                   ) -> tuple[Pattern, int]:
+    """A regexp: pattern compiled by glibc as dict_regexp.c does, and its group count.
+
+    regexp_table(5): REG_EXTENDED and REG_ICASE on by default, each toggled by its flag
+    (x, i); m toggles REG_NEWLINE. A pattern regcomp() refuses is skipped with its
+    regerror() text, as Postfix warns "regexp map F, line N: <text>".
+    """
+    flags = REG_EXTENDED | REG_ICASE
+    flags ^= (REG_EXTENDED if on["x"] else 0) | (REG_ICASE if on["i"] else 0)
+    flags |= REG_NEWLINE if on["m"] else 0
+    try:
+        # Decoded text is matched as UTF-8, except by a pattern that is not UTF-8
+        # itself (a Shift_JIS table): that one still matches raw bytes byte for byte.
+        utf8 = mode is TextMode.TEXT and _is_utf8(source)
+        posix = PosixRegex(mode.to_bytes(source), flags, utf8=utf8)
+    except PosixError as exc:
+        raise SkipRule(str(exc)) from None
+    return Pattern(_posix_translation(source, on, mode), negated, posix=posix), posix.groups
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether a str read with surrogateescape was valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _posix_translation(source: str, on: dict[str, bool], mode: TextMode
+                       ) -> rx.Pattern[str] | None:
+    """The pattern in Python's syntax, for the literal tests in front of glibc (needles,
+    prefixes); None where the translator cannot say it (glibc still matches it)."""
+    newline = on["m"]
+    re_flags = (rx.MULTILINE if newline else rx.DOTALL) | rx.VERSION0
+    if not on["i"]:
+        re_flags |= rx.IGNORECASE
+    if mode is TextMode.BYTES:
+        re_flags |= rx.ASCII
+    try:
+        return rx.compile(translate_posix(source, extended=not on["x"], newline=newline).pattern,
+                          re_flags)
+    except (PatternError, re.error, rx.error, RecursionError, OverflowError):
+        return None
