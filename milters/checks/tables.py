@@ -22,8 +22,11 @@ Text: with `decode = false` patterns and subjects are both read byte for byte
 exactly how Postfix matches. With decoding on, the table file is read as UTF-8 and
 subjects are Unicode text, so a rule written in Japanese matches decoded mail.
 
-Engine: patterns are translated to Python's `re` syntax (patterns.py) and compiled
-with the `regex` module in its re-compatible VERSION0, for two things `re` lacks.
+Engine: regexp: patterns are compiled and matched by glibc's regcomp/regexec, as
+Postfix does (posix.py); their translation to Python (patterns.py) only feeds the
+cheap literal tests in front of glibc. pcre: patterns are translated to Python's
+`re` syntax (patterns.py) and compiled with the `regex` module in its
+re-compatible VERSION0, for two things `re` lacks.
 A backtracking pattern such as `/^Subject: (a+)+$/` can run for minutes on a long
 subject (glibc's regexec does not backtrack, PCRE2 stops at its match limit):
 `regex` takes a timeout, so every lookup of one message shares a Budget
