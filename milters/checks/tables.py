@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import enum
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -185,6 +184,9 @@ class Pattern:
     prefixes: Prefixes | None = field(init=False, repr=False, compare=False)
     # Literals one of which every match contains (screen.py), tested per line too.
     needles: Needles | None = field(init=False, repr=False, compare=False)
+    # regexp: the prefixes and needles as one `re` test in front of glibc (None: no
+    # literal known); it says "no" only where glibc cannot match either.
+    guard: Matcher | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         regex = self.regex
@@ -196,7 +198,9 @@ class Pattern:
             setattr_("free_length", 0)
             setattr_("fast", self.posix.search)
             setattr_("screen", self._posix_screen(self.posix))
+            setattr_("guard", _literal_guard(self.prefixes, self.needles))
             return
+        setattr_("guard", None)
         assert regex is not None, "a pcre: pattern is a regex"
         setattr_("match", regex.match if self.anchored else regex.search)
         setattr_("free_length", free_length(regex))
@@ -217,11 +221,37 @@ class Pattern:
         if self.needles is not None:
             return Screen(self.needles, _unused_search)
         joined = posix.with_flags(posix.flags | REG_NEWLINE)
-        return Screen(None, lambda text, _timeout: joined.search(text), joined.search,
-                      sys.maxsize)
+        exact = self.regex and screen_regex(self.regex, self.negated, self.anchored)
+        fast = exact and as_re(exact)
+        if not exact or fast is None:
+            return Screen(None, lambda text, _timeout: joined.search(text))
+        # re is faster than glibc on these texts, and its work is bounded up to
+        # free_length (cost.py); past that, or when it might read the text otherwise,
+        # glibc. The translation reads bytes as glibc does in the C locale, and
+        # decoded text as in C.UTF-8 where the text is ASCII.
+        ascii_only = posix.utf8
+        search = fast.search
+
+        def screen_fast(text: str) -> object:
+            if ascii_only and not text.isascii():
+                return joined.search(text)
+            return search(text)
+
+        return Screen(None, lambda text, _timeout: joined.search(text), screen_fast,
+                      free_length(exact))
 
     def search(self, subject: str, budget: Budget) -> Found | None:
         """One lookup: a timeout only where the search could run long (cost.py)."""
+        posix = self.posix
+        if posix is not None:
+            # One call into re rules most lines out (a header rule's field name,
+            # a body rule's words); glibc, a foreign call, decides the rest. It
+            # does not backtrack: no timeout (the budget is still checked between
+            # lookups).
+            guard = self.guard
+            if guard is not None and guard(subject) is None:
+                return None
+            return posix.search(subject)
         if len(subject) <= self.free_length:
             # Bounded work: no timeout to pay for, and the GIL kept (released for
             # every short search, two busy threads would hand it back and forth).
@@ -232,16 +262,38 @@ class Pattern:
         # field name, and this rules their other lines out without the engine.
         if self.prefixes is not None and self.prefixes.rule_out(subject):
             return None
-        # A timed search costs a system call (cost.py), a glibc one a foreign call:
-        # first the literals that every match contains.
+        # A timed search costs a system call (cost.py): first the literals that
+        # every match contains.
         if self.needles is not None and not self.needles.found_in(
                 subject, fold(subject) if self.needles.caseless else subject):
             return None
-        if self.posix is not None:
-            # glibc does not backtrack: no timeout (the budget is still checked
-            # between lookups).
-            return self.posix.search(subject)
         return self.match(subject, timeout=budget.left())
+
+
+def _literal_guard(prefixes: Prefixes | None, needles: Needles | None) -> Matcher | None:
+    """An `re` test that fails where no match can be: the subject starts with none of
+    the prefixes, or contains none of the needles.
+
+    Caseless literals are ASCII (cost.py, screen.py) and re's Unicode IGNORECASE
+    equates more with them than glibc's REG_ICASE does in the C or C.UTF-8 locale
+    (ı and ſ too, which glibc folds to I and S): never a "no" glibc would not say.
+    """
+    if prefixes is None and needles is None:
+        return None
+    caseless = (prefixes is not None and prefixes.caseless) or \
+        (needles is not None and needles.caseless)
+    flags = re.IGNORECASE if caseless else 0
+    if prefixes is not None and prefixes.caseless != caseless:
+        return None if needles is None else _literal_guard(None, needles)
+    if needles is not None and needles.caseless != caseless:
+        return _literal_guard(prefixes, None)
+    head = "" if prefixes is None else "(?=" + "|".join(map(re.escape, prefixes.texts)) + ")"
+    if needles is None:
+        return re.compile(head, flags).match
+    words = "(?:" + "|".join(map(re.escape, needles.any_of)) + ")"
+    if prefixes is None:
+        return re.compile(words, flags).search
+    return re.compile(head + "(?s:.*?)" + words, flags).match
 
 
 def _unused_search(_text: str, _timeout: float | None) -> object:

@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from milters.checks.actions import Context
 from milters.checks.posix import (
@@ -20,7 +22,7 @@ from milters.checks.posix import (
     PosixError,
     PosixRegex,
 )
-from milters.checks.tables import Maps, TextMode, parse_table
+from milters.checks.tables import UNLIMITED, Maps, TextMode, parse_table
 
 ERE = REG_EXTENDED | REG_ICASE  # dict_regexp.c's default options
 
@@ -130,3 +132,24 @@ def test_many_threads_match_one_table_concurrently() -> None:
         t.join(60)
     assert not errors, errors[:5]
     assert not any(t.is_alive() for t in threads)
+
+
+GUARDED = ["/^Subject:.*(viagra|casino bonus)/", "/^(To|Cc):[[:space:]]*x/", "/free  *offer/",
+           "/^X-Kind: [[:alpha:]]+$/", "/sIgNaL/i", "/^i(s|ſ)k/", "/é+t/"]
+SUBJECT_TEXT = "SubjectToCcXKind:-viagrcsinobonuxfrofe ıſKéÉtİ\t"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=SUBJECT_TEXT, max_size=40), st.sampled_from(list(TextMode)))
+def test_literal_guard_never_says_no_where_glibc_says_yes(subject: str, mode: TextMode) -> None:
+    """The re test in front of glibc (prefixes, needles) only rules out lines glibc
+    would not match either, in the C locale and in C.UTF-8 (ı, ſ, K, İ included)."""
+    text = "".join(f"{p} WARN {i}\n" for i, p in enumerate(GUARDED))
+    table = parse_table(text.encode(), "regexp:t", "t", "regexp", mode, context=Context.CONTENT)
+    line = mode.from_str(subject)
+    assert sum(p.guard is not None for p in table.all_patterns()) >= 5
+    for pattern in table.all_patterns():
+        assert pattern.posix is not None
+        alone = pattern.posix.search(line) is not None
+        assert (pattern.search(line, UNLIMITED) is not None) == alone, (pattern.posix.source,
+                                                                        subject)
