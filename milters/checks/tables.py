@@ -23,8 +23,10 @@ exactly how Postfix matches. With decoding on, the table file is read as UTF-8 a
 subjects are Unicode text, so a rule written in Japanese matches decoded mail.
 
 Engine: regexp: patterns are compiled and matched by glibc's regcomp/regexec, as
-Postfix does (posix.py); their translation to Python (patterns.py) only feeds the
-cheap literal tests in front of glibc. pcre: patterns are translated to Python's
+Postfix does (posix.py); their translation to Python (patterns.py) only rules lines
+out in front of glibc (its literals; the translation itself by `re` where that
+reads the text as glibc does and its work is bounded, cost.py): every match and
+every `$N` is glibc's. pcre: patterns are translated to Python's
 `re` syntax (patterns.py) and compiled with the `regex` module in its
 re-compatible VERSION0, for two things `re` lacks.
 A backtracking pattern such as `/^Subject: (a+)+$/` can run for minutes on a long
@@ -152,6 +154,9 @@ UNLIMITED = Budget(None)  # immutable: no deadline to move
 Matcher = Callable[..., "Found | None"]
 Found = rx.Match[str] | re.Match[str] | PosixMatch
 
+# Seconds the screen of a regexp: rule tries the translation before glibc takes over.
+SCREEN_TRY = 0.01
+
 # GNU's buffer anchors \` and \' pin the whole subject: in the joined lines they
 # would match at the first line's start and the last line's end only.
 _BUFFER_ANCHOR = re.compile(rb"\\[`']")
@@ -163,13 +168,18 @@ class Pattern:
 
     pcre: tables match with `regex`. regexp: tables match with glibc (`posix`, as
     Postfix does); their translation to Python (patterns.py), when there is one,
-    only supplies the cheap tests in front (prefixes, needles).
+    only supplies cheap tests in front that rule lines out (prefixes, needles, and
+    where it reads the text exactly as glibc does, the translation itself); every
+    match, and each `$N`, comes from glibc.
     """
 
     regex: rx.Pattern[str] | None
     negated: bool = False
     anchored: bool = False
     posix: PosixRegex | None = None
+    # regexp: the translation reads every subject as glibc does (decode = false:
+    # bytes, the C locale); otherwise only ASCII subjects (decoded text, C.UTF-8).
+    byte_exact: bool = False
     # The bound search (or match, for PCRE's A flag): one lookup per line per rule;
     # called with timeout= (seconds or None) for pcre:.
     match: Matcher = field(init=False, repr=False, compare=False)
@@ -195,8 +205,13 @@ class Pattern:
         setattr_("needles", None if regex is None else needles(regex))
         if self.posix is not None:
             setattr_("match", self.posix.search)
-            setattr_("free_length", 0)
-            setattr_("fast", self.posix.search)
+            fast = None if regex is None else as_re(regex)
+            if fast is None:
+                setattr_("free_length", -1)
+                setattr_("fast", self.posix.search)
+            else:
+                setattr_("free_length", free_length(regex))  # type: ignore[arg-type]
+                setattr_("fast", fast.search)
             setattr_("screen", self._posix_screen(self.posix))
             setattr_("guard", _literal_guard(self.prefixes, self.needles))
             return
@@ -222,23 +237,31 @@ class Pattern:
             return Screen(self.needles, _unused_search)
         joined = posix.with_flags(posix.flags | REG_NEWLINE)
         exact = self.regex and screen_regex(self.regex, self.negated, self.anchored)
-        fast = exact and as_re(exact)
-        if not exact or fast is None:
+        if not exact:
             return Screen(None, lambda text, _timeout: joined.search(text))
-        # re is faster than glibc on these texts, and its work is bounded up to
-        # free_length (cost.py); past that, or when it might read the text otherwise,
-        # glibc. The translation reads bytes as glibc does in the C locale, and
-        # decoded text as in C.UTF-8 where the text is ASCII.
-        ascii_only = posix.utf8
-        search = fast.search
+        # On a long text the translation runs several times faster than glibc, and
+        # re faster still where its work is bounded (cost.py). A search that needs
+        # more than SCREEN_TRY (a backtracking blow-up) is left to glibc, which
+        # does not backtrack: the screen of a regexp: rule never runs over the
+        # budget. The translation reads bytes as glibc does in the C locale, and
+        # decoded text as in C.UTF-8 where the text is ASCII; other text goes to
+        # glibc.
+        fast = as_re(exact)
+        free = free_length(exact) if fast is not None else 0
+        ascii_only = not self.byte_exact
 
-        def screen_fast(text: str) -> object:
+        def screen_search(text: str, timeout: float | None) -> object:
             if ascii_only and not text.isascii():
                 return joined.search(text)
-            return search(text)
+            if fast is not None and len(text) <= free:
+                return fast.search(text)
+            try:
+                return exact.search(text, timeout=SCREEN_TRY if timeout is None
+                                    else min(timeout, SCREEN_TRY))
+            except TimeoutError:
+                return joined.search(text)
 
-        return Screen(None, lambda text, _timeout: joined.search(text), screen_fast,
-                      free_length(exact))
+        return Screen(None, screen_search)
 
     def search(self, subject: str, budget: Budget) -> Found | None:
         """One lookup: a timeout only where the search could run long (cost.py)."""
@@ -248,6 +271,13 @@ class Pattern:
             # a body rule's words); glibc, a foreign call, decides the rest. It
             # does not backtrack: no timeout (the budget is still checked between
             # lookups).
+            if len(subject) <= self.free_length and (
+                    self.byte_exact or subject.isascii()):
+                # The translation, by re (bounded work here, cost.py), says "no"
+                # to most lines much faster than glibc; glibc answers the rest.
+                if self.fast(subject) is None:
+                    return None
+                return posix.search(subject)
             guard = self.guard
             if guard is not None and guard(subject) is None:
                 return None
@@ -743,7 +773,8 @@ def _posix_pattern(source: str, on: dict[str, bool], negated: bool, mode: TextMo
         posix = PosixRegex(mode.to_bytes(source), flags, utf8=utf8)
     except PosixError as exc:
         raise SkipRule(str(exc)) from None
-    return Pattern(_posix_translation(source, on, mode), negated, posix=posix), posix.groups
+    return Pattern(_posix_translation(source, on, mode), negated, posix=posix,
+                   byte_exact=mode is TextMode.BYTES), posix.groups
 
 
 def _is_utf8(text: str) -> bool:
