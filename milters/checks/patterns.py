@@ -9,10 +9,12 @@ emits a Python pattern that accepts the same strings, or raises PatternError nam
 the construct: a pattern is never silently read differently (regexp_table(5),
 pcre_table(5), regex(7), pcre2pattern(3)).
 
-Known remaining difference, documented rather than refused: POSIX matching is
-leftmost-longest, Python's is leftmost-first, so *whether* a pattern matches is the
-same but the text a group captures for `$1` can differ when an alternation inside
-the group could match several lengths.
+regexp: tables match with glibc itself (posix.py); their translation here only
+gives the literals a match must contain (needles, prefixes) to rule lines out
+before glibc is called. POSIX matching is leftmost-longest and Python's
+leftmost-first, which changes what a group captures, never whether a pattern
+matches: the literals hold for both. A pattern the translator refuses (`\\d`) is
+simply matched by glibc without those tests.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ runs at memory speed. Rules without such a literal are screened with one regex
 search of the joined lines instead: a pattern without lookaround that matches a
 line also matches the lines joined by "\\n" with ^ and $ at every line. The
 per-line pass then tries only the rules left: same result, a fraction of the work.
+A regexp: rule without needles is screened by glibc (REG_NEWLINE) the same way.
 
 (A multi-pattern engine such as Hyperscan would do this in C, but its Python
 binding calls back through PyGILState_Ensure, which crashes in the threads
@@ -141,22 +142,38 @@ def _factor(items: list[tuple[Any, Any]]) -> tuple[str, ...] | None:
     return max(candidates, key=lambda c: min(len(n) for n in c))
 
 
+@dataclass(frozen=True)
+class Screen:
+    """One rule's test against the joined lines: its needles if it has some, else a
+    search of the joined text (`fast` for texts up to `free` long, untimed; `search`
+    with a timeout in seconds otherwise, raising TimeoutError when it runs over)."""
+
+    needles: Needles | None
+    search: Callable[[str, float | None], object]
+    fast: Callable[[str], object] | None = None
+    free: int = 0
+
+
+def regex_screen(regex: rx.Pattern[str]) -> Screen:
+    """The Screen of a joined-text `regex` pattern (screen_regex)."""
+    fast = as_re(regex)
+    return Screen(needles(regex), lambda text, timeout: regex.search(text, timeout=timeout),
+                  None if fast is None else fast.search, free_length(regex))
+
+
 class Screener:
     """Built once per table key at load; immutable, so threads can share it."""
 
-    def __init__(self, patterns: Iterable[rx.Pattern[str]]) -> None:
-        self.patterns = tuple(patterns)
-        self.needles = tuple(needles(p) for p in self.patterns)
-        # Joined texts up to free_length are searched by re, untimed (cost.py).
-        self.free = tuple(free_length(p) for p in self.patterns)
-        self.fast = tuple(as_re(p) for p in self.patterns)
+    def __init__(self, screens: Iterable[Screen]) -> None:
+        self.screens = tuple(screens)
+        self.needles = tuple(s.needles for s in self.screens)
 
     def possible(
         self, subjects: Sequence[str], time_left: Callable[[], float | None] = lambda: None
     ) -> frozenset[int] | None:
-        """Indexes of the patterns that may match one of `subjects`; None: try them all.
+        """Indexes of the screens that may match one of `subjects`; None: try them all.
 
-        Each regex search gets `time_left()` seconds; running over raises ScreenTimeout.
+        Each timed search gets `time_left()` seconds; running over raises ScreenTimeout.
         """
         if len(subjects) < MIN_SUBJECTS:
             return None
@@ -167,19 +184,19 @@ class Screener:
         joined = "\n".join(subjects)
         folded = fold(joined) if any(n and n.caseless for n in self.needles) else joined
         found = set()
-        for i, (pattern, needle) in enumerate(zip(self.patterns, self.needles, strict=True)):
-            fast = self.fast[i]
+        for i, screen in enumerate(self.screens):
+            needle = screen.needles
             if needle is not None:
                 if needle.found_in(joined, folded):
                     found.add(i)
             elif multiline:
                 found.add(i)
-            elif fast is not None and len(joined) <= self.free[i]:
-                if fast.search(joined):
+            elif screen.fast is not None and len(joined) <= screen.free:
+                if screen.fast(joined):
                     found.add(i)
             else:
                 try:
-                    if pattern.search(joined, timeout=time_left()):
+                    if screen.search(joined, time_left()):
                         found.add(i)
                 except TimeoutError:
                     raise ScreenTimeout(i) from None

@@ -22,8 +22,13 @@ Text: with `decode = false` patterns and subjects are both read byte for byte
 exactly how Postfix matches. With decoding on, the table file is read as UTF-8 and
 subjects are Unicode text, so a rule written in Japanese matches decoded mail.
 
-Engine: patterns are translated to Python's `re` syntax (patterns.py) and compiled
-with the `regex` module in its re-compatible VERSION0, for two things `re` lacks.
+Engine: regexp: patterns are compiled and matched by glibc's regcomp/regexec, as
+Postfix does (posix.py); their translation to Python (patterns.py) only rules lines
+out in front of glibc (its literals; the translation itself by `re` where that
+reads the text as glibc does and its work is bounded, cost.py): every match and
+every `$N` is glibc's. pcre: patterns are translated to Python's
+`re` syntax (patterns.py) and compiled with the `regex` module in its
+re-compatible VERSION0, for two things `re` lacks.
 A backtracking pattern such as `/^Subject: (a+)+$/` can run for minutes on a long
 subject (glibc's regexec does not backtrack, PCRE2 stops at its match limit):
 `regex` takes a timeout, so every lookup of one message shares a Budget
@@ -57,7 +62,24 @@ from milters.checks.actions import (
 )
 from milters.checks.cost import Prefixes, anchored_prefixes, as_re, free_length
 from milters.checks.patterns import PatternError, translate_pcre, translate_posix
-from milters.checks.screen import Needles, Screener, ScreenTimeout, fold, needles, screen_regex
+from milters.checks.posix import (
+    REG_EXTENDED,
+    REG_ICASE,
+    REG_NEWLINE,
+    PosixError,
+    PosixMatch,
+    PosixRegex,
+)
+from milters.checks.screen import (
+    Needles,
+    Screen,
+    Screener,
+    ScreenTimeout,
+    fold,
+    needles,
+    regex_screen,
+    screen_regex,
+)
 from milters.core.errors import ConfigError
 
 TABLE_TYPES = ("regexp", "pcre")
@@ -129,22 +151,41 @@ class Budget:
 UNLIMITED = Budget(None)  # immutable: no deadline to move
 
 
-Matcher = Callable[..., "rx.Match[str] | re.Match[str] | None"]
+Matcher = Callable[..., "Found | None"]
+Found = rx.Match[str] | re.Match[str] | PosixMatch
+
+# Seconds the screen of a regexp: rule tries the translation before glibc takes over.
+SCREEN_TRY = 0.01
+
+# GNU's buffer anchors \` and \' pin the whole subject: in the joined lines they
+# would match at the first line's start and the last line's end only.
+_BUFFER_ANCHOR = re.compile(rb"\\[`']")
 
 
 @dataclass(frozen=True)
 class Pattern:
-    """A compiled table pattern, negated or not, anchored (PCRE `A`) or not."""
+    """A compiled table pattern, negated or not, anchored (PCRE `A`) or not.
 
-    regex: rx.Pattern[str]
+    pcre: tables match with `regex`. regexp: tables match with glibc (`posix`, as
+    Postfix does); their translation to Python (patterns.py), when there is one,
+    only supplies cheap tests in front that rule lines out (prefixes, needles, and
+    where it reads the text exactly as glibc does, the translation itself); every
+    match, and each `$N`, comes from glibc.
+    """
+
+    regex: rx.Pattern[str] | None
     negated: bool = False
     anchored: bool = False
+    posix: PosixRegex | None = None
+    # regexp: the translation reads every subject as glibc does (decode = false:
+    # bytes, the C locale); otherwise only ASCII subjects (decoded text, C.UTF-8).
+    byte_exact: bool = False
     # The bound search (or match, for PCRE's A flag): one lookup per line per rule;
-    # called with timeout= (seconds or None).
+    # called with timeout= (seconds or None) for pcre:.
     match: Matcher = field(init=False, repr=False, compare=False)
-    # The same pattern with ^ and $ at every line: one search over all the lines
-    # of a message tells whether it can match any of them (see screen.py).
-    screen: rx.Pattern[str] | None = field(init=False, repr=False, compare=False)
+    # The rule's test against all the lines of a message at once: tells whether it
+    # can match any of them (see screen.py).
+    screen: Screen | None = field(init=False, repr=False, compare=False)
     # Subjects up to this long are searched without a timeout (see cost.py)...
     free_length: int = field(init=False, repr=False, compare=False)
     # ...by re's faster engine when it compiles the pattern (cost.as_re).
@@ -153,28 +194,101 @@ class Pattern:
     prefixes: Prefixes | None = field(init=False, repr=False, compare=False)
     # Literals one of which every match contains (screen.py), tested per line too.
     needles: Needles | None = field(init=False, repr=False, compare=False)
+    # regexp: the prefixes and needles as one `re` test in front of glibc (None: no
+    # literal known); it says "no" only where glibc cannot match either.
+    guard: Matcher | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "match", self.regex.match if self.anchored else self.regex.search)
-        object.__setattr__(self, "free_length", free_length(self.regex))
-        fast = as_re(self.regex)
+        regex = self.regex
+        setattr_ = partial(object.__setattr__, self)
+        setattr_("prefixes", None if regex is None else anchored_prefixes(regex))
+        setattr_("needles", None if regex is None else needles(regex))
+        if self.posix is not None:
+            setattr_("match", self.posix.search)
+            fast = None if regex is None else as_re(regex)
+            if fast is None:
+                setattr_("free_length", -1)
+                setattr_("fast", self.posix.search)
+            else:
+                setattr_("free_length", free_length(regex))  # type: ignore[arg-type]
+                setattr_("fast", fast.search)
+            setattr_("screen", self._posix_screen(self.posix))
+            setattr_("guard", _literal_guard(self.prefixes, self.needles))
+            return
+        setattr_("guard", None)
+        assert regex is not None, "a pcre: pattern is a regex"
+        setattr_("match", regex.match if self.anchored else regex.search)
+        setattr_("free_length", free_length(regex))
+        fast = as_re(regex)
         if fast is None:
-            object.__setattr__(self, "fast", partial(self.match, concurrent=False))
+            setattr_("fast", partial(self.match, concurrent=False))
         else:
-            object.__setattr__(self, "fast", fast.match if self.anchored else fast.search)
-        object.__setattr__(self, "prefixes", anchored_prefixes(self.regex))
-        object.__setattr__(self, "needles", needles(self.regex))
-        object.__setattr__(self, "screen", screen_regex(self.regex, self.negated, self.anchored))
+            setattr_("fast", fast.match if self.anchored else fast.search)
+        joined = screen_regex(regex, self.negated, self.anchored)
+        setattr_("screen", None if joined is None else regex_screen(joined))
 
-    def search(self, subject: str, budget: Budget) -> rx.Match[str] | re.Match[str] | None:
+    def _posix_screen(self, posix: PosixRegex) -> Screen | None:
+        """Needles, or glibc with REG_NEWLINE over the joined lines: a pattern that
+        matches a line (which holds no newline) matches the same bytes there, with
+        ^ and $ at each line's ends and `.` kept inside its line."""
+        if self.negated or _BUFFER_ANCHOR.search(posix.source):
+            return None
+        if self.needles is not None:
+            return Screen(self.needles, _unused_search)
+        joined = posix.with_flags(posix.flags | REG_NEWLINE)
+        exact = self.regex and screen_regex(self.regex, self.negated, self.anchored)
+        if not exact:
+            return Screen(None, lambda text, _timeout: joined.search(text))
+        # On a long text the translation runs several times faster than glibc, and
+        # re faster still where its work is bounded (cost.py). A search that needs
+        # more than SCREEN_TRY (a backtracking blow-up) is left to glibc, which
+        # does not backtrack: the screen of a regexp: rule never runs over the
+        # budget. The translation reads bytes as glibc does in the C locale, and
+        # decoded text as in C.UTF-8 where the text is ASCII; other text goes to
+        # glibc.
+        fast = as_re(exact)
+        free = free_length(exact) if fast is not None else 0
+        ascii_only = not self.byte_exact
+
+        def screen_search(text: str, timeout: float | None) -> object:
+            if ascii_only and not text.isascii():
+                return joined.search(text)
+            if fast is not None and len(text) <= free:
+                return fast.search(text)
+            try:
+                return exact.search(text, timeout=SCREEN_TRY if timeout is None
+                                    else min(timeout, SCREEN_TRY))
+            except TimeoutError:
+                return joined.search(text)
+
+        return Screen(None, screen_search)
+
+    def search(self, subject: str, budget: Budget) -> Found | None:
         """One lookup: a timeout only where the search could run long (cost.py)."""
+        posix = self.posix
+        if posix is not None:
+            # One call into re rules most lines out (a header rule's field name,
+            # a body rule's words); glibc, a foreign call, decides the rest. It
+            # does not backtrack: no timeout (the budget is still checked between
+            # lookups).
+            if len(subject) <= self.free_length and (
+                    self.byte_exact or subject.isascii()):
+                # The translation, by re (bounded work here, cost.py), says "no"
+                # to most lines much faster than glibc; glibc answers the rest.
+                if self.fast(subject) is None:
+                    return None
+                return posix.search(subject)
+            guard = self.guard
+            if guard is not None and guard(subject) is None:
+                return None
+            return posix.search(subject)
         if len(subject) <= self.free_length:
             # Bounded work: no timeout to pay for, and the GIL kept (released for
             # every short search, two busy threads would hand it back and forth).
             # re's engine fails an anchored `^Subject:` on another line faster
             # than any test in Python could rule it out.
             return self.fast(subject)
-        # A cheap test before a timed search: most header rules are anchored at a
+        # A cheap test before the engine: most header rules are anchored at a
         # field name, and this rules their other lines out without the engine.
         if self.prefixes is not None and self.prefixes.rule_out(subject):
             return None
@@ -184,6 +298,37 @@ class Pattern:
                 subject, fold(subject) if self.needles.caseless else subject):
             return None
         return self.match(subject, timeout=budget.left())
+
+
+def _literal_guard(prefixes: Prefixes | None, needles: Needles | None) -> Matcher | None:
+    """An `re` test that fails where no match can be: the subject starts with none of
+    the prefixes, or contains none of the needles.
+
+    Caseless literals are ASCII (cost.py, screen.py) and re's Unicode IGNORECASE
+    equates more with them than glibc's REG_ICASE does in the C or C.UTF-8 locale
+    (ı and ſ too, which glibc folds to I and S): never a "no" glibc would not say.
+    """
+    if prefixes is None and needles is None:
+        return None
+    caseless = (prefixes is not None and prefixes.caseless) or \
+        (needles is not None and needles.caseless)
+    flags = re.IGNORECASE if caseless else 0
+    if prefixes is not None and prefixes.caseless != caseless:
+        return None if needles is None else _literal_guard(None, needles)
+    if needles is not None and needles.caseless != caseless:
+        return _literal_guard(prefixes, None)
+    head = "" if prefixes is None else "(?=" + "|".join(map(re.escape, prefixes.texts)) + ")"
+    if needles is None:
+        return re.compile(head, flags).match
+    words = "(?:" + "|".join(map(re.escape, needles.any_of)) + ")"
+    if prefixes is None:
+        return re.compile(words, flags).search
+    return re.compile(head + "(?s:.*?)" + words, flags).match
+
+
+def _unused_search(_text: str, _timeout: float | None) -> object:
+    """A screen with needles is never searched (Screener.possible)."""
+    raise AssertionError("a screen with needles is not searched")
 
 
 @dataclass(frozen=True)
@@ -251,7 +396,7 @@ Possible = frozenset[int] | None
 
 
 def _search(pattern: Pattern, subject: str, budget: Budget, source: str
-            ) -> rx.Match[str] | re.Match[str] | None:
+            ) -> Found | None:
     try:
         return pattern.search(subject, budget)
     except TimeoutError:
@@ -582,28 +727,22 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
         warnings.append(f"{where}: ignoring obsolete regexp option \"X\"")
         flags = flags.replace("X", "")
     on = {f: flags.count(f) % 2 == 1 for f in allowed}  # each flag toggles its default
+    if kind == "regexp":
+        pattern, groups = _posix_pattern(source, on, negated, mode)
+        return pattern, groups, text[flag_end:]
     re_flags = 0
-    anchored = False
     try:
-        if kind == "regexp":
-            # regexp_table(5): i (case-insensitive, default on), x (extended, default
-            # on), m (REG_NEWLINE, default off).
-            newline = on["m"]
-            translated = translate_posix(source, extended=not on["x"], newline=newline).pattern
-            re_flags |= rx.MULTILINE if newline else rx.DOTALL
-        else:
-            # pcre_table(5): i (default on), s (DOTALL, default on), m, x, A, E, U.
-            translated = translate_pcre(
-                source, extended=on["x"], ungreedy=on["U"], dollar_endonly=on["E"],
-                # PCRE2 (Postfix 3.7 on Debian 12) rejects unknown escapes such as
-                # \\y whatever the X flag says, so the rule is skipped, as there.
-                multiline=on["m"], extra=True,
-            )
-            if on["m"]:
-                re_flags |= rx.MULTILINE
-            if not on["s"]:
-                re_flags |= rx.DOTALL
-            anchored = on["A"]
+        # pcre_table(5): i (default on), s (DOTALL, default on), m, x, A, E, U.
+        translated = translate_pcre(
+            source, extended=on["x"], ungreedy=on["U"], dollar_endonly=on["E"],
+            # PCRE2 (Postfix 3.7 on Debian 12) rejects unknown escapes such as
+            # \\y whatever the X flag says, so the rule is skipped, as there.
+            multiline=on["m"], extra=True,
+        )
+        if on["m"]:
+            re_flags |= rx.MULTILINE
+        if not on["s"]:
+            re_flags |= rx.DOTALL
         if not on["i"]:
             re_flags |= rx.IGNORECASE
         if mode is TextMode.BYTES:
@@ -611,6 +750,54 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
         # VERSION0: the `re`-compatible dialect the translations are written in.
         compiled = rx.compile(translated, re_flags | rx.VERSION0)
     except (PatternError, re.error, rx.error) as exc:
-        # dict_regexp.c: regerror() text; dict_pcre.c: "error in regex at offset N".
+        # dict_pcre.c: "error in regex at offset N".
         raise SkipRule(f"{kind} pattern /{source}/: {exc}: skipping this rule") from None
-    return Pattern(compiled, negated, anchored), compiled.groups, text[flag_end:]
+    return Pattern(compiled, negated, on["A"]), compiled.groups, text[flag_end:]
+
+
+def _posix_pattern(source: str, on: dict[str, bool], negated: bool, mode: TextMode
+                   ) -> tuple[Pattern, int]:
+    """A regexp: pattern compiled by glibc as dict_regexp.c does, and its group count.
+
+    regexp_table(5): REG_EXTENDED and REG_ICASE on by default, each toggled by its flag
+    (x, i); m toggles REG_NEWLINE. A pattern regcomp() refuses is skipped with its
+    regerror() text, as Postfix warns "regexp map F, line N: <text>".
+    """
+    flags = REG_EXTENDED | REG_ICASE
+    flags ^= (REG_EXTENDED if on["x"] else 0) | (REG_ICASE if on["i"] else 0)
+    flags |= REG_NEWLINE if on["m"] else 0
+    try:
+        # Decoded text is matched as UTF-8, except by a pattern that is not UTF-8
+        # itself (a Shift_JIS table): that one still matches raw bytes byte for byte.
+        utf8 = mode is TextMode.TEXT and _is_utf8(source)
+        posix = PosixRegex(mode.to_bytes(source), flags, utf8=utf8)
+    except PosixError as exc:
+        raise SkipRule(str(exc)) from None
+    return Pattern(_posix_translation(source, on, mode), negated, posix=posix,
+                   byte_exact=mode is TextMode.BYTES), posix.groups
+
+
+def _is_utf8(text: str) -> bool:
+    """Whether a str read with surrogateescape was valid UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _posix_translation(source: str, on: dict[str, bool], mode: TextMode
+                       ) -> rx.Pattern[str] | None:
+    """The pattern in Python's syntax, for the literal tests in front of glibc (needles,
+    prefixes); None where the translator cannot say it (glibc still matches it)."""
+    newline = on["m"]
+    re_flags = (rx.MULTILINE if newline else rx.DOTALL) | rx.VERSION0
+    if not on["i"]:
+        re_flags |= rx.IGNORECASE
+    if mode is TextMode.BYTES:
+        re_flags |= rx.ASCII
+    try:
+        return rx.compile(translate_posix(source, extended=not on["x"], newline=newline).pattern,
+                          re_flags)
+    except (PatternError, re.error, rx.error, RecursionError, OverflowError):
+        return None

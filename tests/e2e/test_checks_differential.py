@@ -11,9 +11,9 @@ Postfix warns about at load (`postmap -q`) with the filter's load warnings.
 
 A case whose outcome differs by necessity names its entry in the README's
 "Differences from Postfix" section (`known=`); the test checks that the entry
-exists and that the outcomes do differ (so a stale entry is noticed). Cases that
-need the pattern engine to behave as PCRE/POSIX do are xfail (strict=False) until
-that work lands.
+exists and that the outcomes do differ (so a stale entry is noticed). The POSIX
+cases check that regexp: tables match as glibc's regexec does (leftmost-longest
+captures, bracket expressions, back references, no backtracking blow-up).
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from tests.support.processes import ProcessFactory, add_socket_to_config, free_p
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
-ENGINE_XFAIL = "engine: issue 11 PCRE/POSIX fidelity, pending"
 KINDS = ("regexp", "pcre")
 POSTMAP = Path("/usr/sbin/postmap")
 
@@ -52,7 +51,6 @@ class Case:
     kinds: tuple[str, ...] = KINDS
     known: str = ""  # the README "Differences from Postfix" entry that explains it
     known_field: str = ""  # a header field that differs for the reason `known` gives
-    engine: bool = False  # needs the PCRE/POSIX engine work (xfail until it lands)
 
 
 def _cases() -> list[Case]:
@@ -193,8 +191,8 @@ def _cases() -> list[Case]:
     add(Case("body-header-like-line", (), ("/^X-Fake: {T}/ REJECT fake",),
              body="X-Fake: {T}\r\n"))
     add(Case("header-and-body", (S + "/ HOLD",), ("/{T}/ REJECT both",)))
-    # --- the pattern engine: PCRE constructs (translated with PCRE's scoping) and,
-    # still xfail, POSIX leftmost-longest captures and glibc's reading of \d ---------
+    # --- the pattern engine: PCRE constructs (translated with PCRE's scoping) and
+    # POSIX as glibc reads and matches it --------------------------------------------
     add(Case("pcre-inline-flag-mid", ("/^X-Inline: {T} (?-i)EXACT$/ REJECT inline",),
              headers=("X-Inline: {T} exact",), kinds=("pcre",)))
     add(Case("pcre-inline-flag-hit", ("/^X-Inline: {T} (?-i)EXACT$/ REJECT inline",),
@@ -206,17 +204,43 @@ def _cases() -> list[Case]:
     add(Case("pcre-named", ("/^Subject: {T} (?<w>x)\\k<w>/ REJECT named",),
              subject="{T} xx", kinds=("pcre",)))
     add(Case("posix-leftmost-longest", ("/^Subject: {T} (a|ab)/ REPLACE Subject: [$1]",),
-             subject="{T} abc", kinds=("regexp",), engine=True))
+             subject="{T} abc", kinds=("regexp",)))
     add(Case("posix-longest-first-group", ("/^Subject: {T} (a|ab)(bc|c)/ "
                                            "REPLACE Subject: [$1][$2]",),
              subject="{T} abc", kinds=("regexp",)))
     add(Case("posix-backslash-d", ("/^Subject: {T} \\d/ REJECT letter d",),
-             subject="{T} d", kinds=("regexp",), engine=True))
+             subject="{T} d", kinds=("regexp",)))
+    add(Case("posix-backslash-d-case", ("/^Subject: {T} \\d/i REJECT letter d",
+                                        S + "/ HOLD"), subject="{T} d", kinds=("regexp",)))
+    add(Case("posix-class-alpha", (S + " [[:alpha:]]+[[:digit:]]$/ REJECT alpha",),
+             subject="{T} abc7", kinds=("regexp",)))
+    add(Case("posix-class-alpha-miss", (S + " [[:alpha:]]+$/ REJECT alpha", S + "/ HOLD"),
+             subject="{T} ab_c", kinds=("regexp",)))
+    add(Case("posix-bracket-close", (S + " []a]+x$/ REJECT bracket",),
+             subject="{T} ]a]x", kinds=("regexp",)))
+    add(Case("posix-bracket-backslash", (S + " [\\n]+$/ REJECT backslash",),
+             subject="{T} \\n\\", kinds=("regexp",)))
+    add(Case("posix-backreference", (S + " (ab+)-\\1$/ REPLACE Subject: twice $1",),
+             subject="{T} abb-abb", kinds=("regexp",)))
+    add(Case("posix-backreference-miss", (S + " (ab+)-\\1$/ REJECT", S + "/ HOLD"),
+             subject="{T} abb-ab", kinds=("regexp",)))
+    add(Case("posix-interval", (S + " x{2,3}y/ REJECT interval", S + "/ HOLD"),
+             subject="{T} xxxxy", kinds=("regexp",)))
+    add(Case("posix-interval-miss", (S + " x{2,3}y/ REJECT interval", S + "/ HOLD"),
+             subject="{T} xy", kinds=("regexp",)))
+    add(Case("posix-longest-replace", (S + " (a|ab)(c|bcd)(d*)$/ "
+                                       "REPLACE Subject: [$1][$2][$3]",),
+             subject="{T} abcd", kinds=("regexp",)))
+    add(Case("posix-longest-star", (S + " (a*)(ab)*b$/ REPLACE Subject: [$1][$2]",),
+             subject="{T} aabb", kinds=("regexp",)))
+    add(Case("posix-catastrophic", (S + " (a+)+$/ REJECT nested", S + "/ REPLACE Subject: ok"),
+             subject="{T} " + "a" * 900 + "b", kinds=("regexp",)))
+    add(Case("posix-8bit-one-byte-dot", (S + " caf.$/ REJECT one", S + " caf..$/ HOLD"),
+             subject="{T} caf\u00e9", kinds=("regexp",)))
     return c
 
 
 CASES = _cases()
-ENGINE_TABLE_CASES = [case for case in CASES if case.engine]
 # Rules of this case are written first (a logical line starting with whitespace is
 # only possible at the very start of a file) and last (an IF without ENDIF runs to
 # the end of its file), in the main tables.
@@ -241,25 +265,20 @@ def _lines(rules: Iterator[str] | tuple[str, ...], tok: str) -> list[str]:
 
 
 def write_tables(directory: Path, kind: str) -> dict[str, list[Path]]:
-    """The header and body tables of one kind: main (every case) and engine."""
-    main_h: list[str] = _lines(LEADING, token(len(CASES)))
-    main_b: list[str] = []
-    engine_h: list[str] = []
-    engine_b: list[str] = []
+    """The header and body table of one kind, every case in each."""
+    head: list[str] = _lines(LEADING, token(len(CASES)))
+    body: list[str] = []
     for i, case in enumerate(CASES):
         if kind not in case.kinds:
             continue
-        head = engine_h if case.engine else main_h
-        body = engine_b if case.engine else main_b
         head += [f"# case {case.name}", *_lines(case.header_rules, token(i))]
         body += [f"# case {case.name}", *_lines(case.body_rules, token(i))]
-    main_h += _lines(TRAILING, token(len(CASES) + 1))
-    files: dict[str, list[Path]] = {"header": [], "body": []}
-    for part, main, engine in (("header", main_h, engine_h), ("body", main_b, engine_b)):
-        for label, rules in (("main", main), ("engine", engine)):
-            path = directory / f"{part}_{label}.{kind}"
-            path.write_bytes(("\n".join(rules) + "\n").encode())
-            files[part].append(path)
+    head += _lines(TRAILING, token(len(CASES) + 1))
+    files: dict[str, list[Path]] = {}
+    for part, rules in (("header", head), ("body", body)):
+        path = directory / f"{part}_checks.{kind}"
+        path.write_bytes(("\n".join(rules) + "\n").encode())
+        files[part] = [path]
     return files
 
 
@@ -399,8 +418,7 @@ def _params() -> list[object]:
     params: list[object] = []
     for i, case in _numbered():
         for kind in case.kinds:
-            marks = [pytest.mark.xfail(strict=False, reason=ENGINE_XFAIL)] if case.engine else []
-            params.append(pytest.param(i, kind, id=f"{kind}-{case.name}", marks=marks))
+            params.append(pytest.param(i, kind, id=f"{kind}-{case.name}"))
     return params
 
 
@@ -451,9 +469,7 @@ def _warning_params() -> list[object]:
     params: list[object] = []
     for kind in KINDS:
         for part in ("header", "body"):
-            params.append(pytest.param(kind, part, 0, id=f"{kind}-{part}-main"))
-            params.append(pytest.param(kind, part, 1, id=f"{kind}-{part}-engine", marks=[
-                pytest.mark.xfail(strict=False, reason=ENGINE_XFAIL)]))
+            params.append(pytest.param(kind, part, 0, id=f"{kind}-{part}"))
     return params
 
 

@@ -1,10 +1,11 @@
 """Runaway work on one message must not block the checks worker (issue 9).
 
 `milters run checks` (workers = 1: one process, libmilter's threads) with a
-catastrophic table rule and a small match_timeout: the hostile message gets the
-on_error answer within seconds, a normal message sent meanwhile on another
-connection is answered before it, and the worker serves afterwards. Huge one-line
-bodies and MIME bombs get answers too.
+catastrophic pcre: table rule and a small match_timeout: the hostile message gets
+the on_error answer within seconds, a normal message sent meanwhile on another
+connection is answered before it, and the worker serves afterwards. The same
+pattern in a regexp: table is matched by glibc, which does not backtrack: answered
+at once, as Postfix does. Huge one-line bodies and MIME bombs get answers too.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ HEADER_CHECKS = """\
 /^Subject: (a+)+$/      REJECT 5.7.1 nested quantifier
 /^Subject: reject me/   REJECT 5.7.1 plain rule
 """
+# Searched first (regexp: tables, glibc): the catastrophic form on b's.
+POSIX_HEADER_CHECKS = """\
+/^Subject: (b+)+$/      REJECT 5.7.1 posix nested
+/^Subject: posix (a|ab)(c|bcd)(d*)$/ REJECT 5.7.1 [$1][$2][$3]
+"""
 BODY_CHECKS = "/money/ REJECT 5.7.1 body rule\n/^start/ WARN start seen\n"
 HOSTILE_SUBJECT = "Subject: " + "a" * 100_000 + "b\r\n"
 
@@ -36,13 +42,14 @@ HOSTILE_SUBJECT = "Subject: " + "a" * 100_000 + "b\r\n"
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ManagedProcess, str]]:
     d = tmp_path_factory.mktemp("hostile-checks")
     (d / "header_checks").write_text(HEADER_CHECKS)
+    (d / "posix_header_checks").write_text(POSIX_HEADER_CHECKS)
     (d / "body_checks").write_text(BODY_CHECKS)
     port = free_port()
     (d / "milters.toml").write_text(
         f'[global]\nauthserv_id = "mx.test.example"\n'
         f'[checks]\nsocket = "inet:{port}@127.0.0.1"\nworkers = 1\n'
         f"match_timeout = {MATCH_TIMEOUT}\n"
-        f'header_checks = "regexp:{d}/header_checks"\n'
+        f'header_checks = ["regexp:{d}/posix_header_checks", "pcre:{d}/header_checks"]\n'
         f'body_checks = "regexp:{d}/body_checks"\n'
     )
     argv = [sys.executable, "-m", "milters", "run", "checks", "--config",
@@ -101,6 +108,41 @@ def test_hostile_subject_gets_on_error_and_a_normal_message_is_not_starved(
     # The log names the rule that ran over.
     table = Path(proc.argv[-1]).parent / "header_checks"
     assert f"header_checks table {table}:1 ran over match_timeout" in proc.output()
+
+
+def test_catastrophic_regexp_rule_is_answered_at_once(
+    worker: tuple[ManagedProcess, str],
+) -> None:
+    _, spec = worker
+    result, took = timed(spec, "Subject: " + "b" * 100_000 + "c\r\n")
+    assert result.verdict == "accept" and took < 3, (result.smtp_reply, took)
+    result, took = timed(spec, "Subject: " + "b" * 100_000 + "\r\n")
+    assert result.smtp_reply == "550 5.7.1 posix nested" and took < 3
+
+
+def test_many_connections_match_regexp_tables_concurrently(
+    worker: tuple[ManagedProcess, str],
+) -> None:
+    """glibc's regexec() from libmilter's threads at once: every answer right."""
+    _, spec = worker
+    cases = [("Subject: posix abcd\r\n", "550 5.7.1 [a][bcd][]"),
+             ("Subject: " + "b" * 20_000 + "\r\n", "550 5.7.1 posix nested"),
+             ("Subject: " + "b" * 20_000 + "c\r\n", ""),
+             ("Subject: reject me\r\n", "550 5.7.1 plain rule")]
+    answers: list[tuple[str, str]] = []
+
+    def run(n: int) -> None:
+        for i in range(6):
+            headers, want = cases[(n + i) % len(cases)]
+            answers.append((send(spec, headers).smtp_reply, want))
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert len(answers) == 72
+    assert all(got == want for got, want in answers), [a for a in answers if a[0] != a[1]]
 
 
 def test_worker_serves_afterwards(worker: tuple[ManagedProcess, str]) -> None:

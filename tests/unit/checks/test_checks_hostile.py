@@ -52,7 +52,7 @@ def _timed(fn: Callable[[], object]) -> float:
 def test_catastrophic_header_rule_gets_on_error_naming_the_rule(
     table: Table, checks: Checks, message: Message
 ) -> None:
-    spec = table(CATASTROPHIC)
+    spec = table(CATASTROPHIC, "pcre")
     f = checks(header_checks=(spec,), match_timeout=0.3)
     tx = message(headers=[("Subject", LONG_SUBJECT)])
     started = time.perf_counter()
@@ -69,7 +69,8 @@ def test_catastrophic_header_rule_gets_on_error_naming_the_rule(
 def test_overrun_with_on_error_accept_accepts(
     table: Table, checks: Checks, message: Message
 ) -> None:
-    f = checks(header_checks=(table(CATASTROPHIC),), match_timeout=0.2, on_error="accept")
+    f = checks(header_checks=(table(CATASTROPHIC, "pcre"),), match_timeout=0.2,
+               on_error="accept")
     v = f.check(message(headers=[("Subject", LONG_SUBJECT)]))
     assert v.action is Action.ACCEPT
     assert any("ran over match_timeout" in n and "on_error=accept" in n for n in v.log_notes)
@@ -80,9 +81,26 @@ def test_global_on_error_applies_when_the_filter_sets_none(
 ) -> None:
     from milters.checks import ChecksSettings
 
-    f = ChecksFilter(ChecksSettings(header_checks=(table(CATASTROPHIC),), match_timeout=0.2),
+    f = ChecksFilter(ChecksSettings(header_checks=(table(CATASTROPHIC, "pcre"),),
+                                    match_timeout=0.2),
                      Env(GlobalSettings(on_error="accept")))
     assert f.check(message(headers=[("Subject", LONG_SUBJECT)])).action is Action.ACCEPT
+
+
+def test_catastrophic_regexp_rule_is_answered_by_glibc_at_once(
+    table: Table, checks: Checks, message: Message
+) -> None:
+    """regexp: tables match with glibc, which does not backtrack: no overrun, and the
+    next rule decides, as in Postfix."""
+    f = checks(header_checks=(table(CATASTROPHIC),), match_timeout=0.3)
+    tx = message(headers=[("Subject", LONG_SUBJECT)])
+    assert _timed(lambda: f.check(tx)) < 0.3
+    v = f.check(tx)
+    assert v.action is Action.REJECT and v.reply is not None and "plain" in v.reply.text
+    body = checks(body_checks=(table("/^(a|a)+$/ REJECT alternation\n"),), match_timeout=0.3)
+    lines = message(headers=[("Subject", b" x")], body=(b"a" * 60 + b"!\n") * 20 + b"a" * 60)
+    assert _timed(lambda: body.check(lines)) < 0.3
+    assert body.check(lines).action is Action.REJECT
 
 
 def test_the_same_subject_is_fast_without_the_bad_rule(
@@ -100,7 +118,7 @@ def test_screening_pass_runs_over_and_names_the_rule(
 ) -> None:
     # Enough body lines for the one-pass screening (screen.py), which then runs the
     # pattern over all lines joined.
-    spec = table("/^(a|a)+$/ REJECT alternation\n")
+    spec = table("/^(a|a)+$/ REJECT alternation\n", "pcre")
     f = checks(body_checks=(spec,), match_timeout=0.3)
     v = f.check(message(headers=[("Subject", b" x")], body=(b"a" * 60 + b"!\n") * 20))
     assert v.action is Action.TEMPFAIL

@@ -35,11 +35,12 @@ LINES = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["pcre", "regexp"])
-def test_screened_lookup_equals_plain_lookup(kind: str) -> None:
+@pytest.mark.parametrize(("kind", "mode"), [("pcre", TextMode.TEXT), ("regexp", TextMode.TEXT),
+                                           ("regexp", TextMode.BYTES)])
+def test_screened_lookup_equals_plain_lookup(kind: str, mode: TextMode) -> None:
     text = TABLE if kind == "pcre" else "\n".join(
         line for line in TABLE.splitlines() if "(?" not in line)  # lookaround is PCRE only
-    table = parse_table(text.encode(), f"{kind}:t", "t", kind, TextMode.TEXT,
+    table = parse_table(text.encode(), f"{kind}:t", "t", kind, mode,
                         frozenset(), "body_checks")
     maps = Maps("body_checks", (table,))
     for n in range(1, 5):

@@ -233,14 +233,26 @@ def test_posix_word_boundaries_and_backreferences() -> None:
 
 
 @pytest.mark.parametrize(("pattern", "why"), [
-    ("/\\d+/", "letter 'd'"),
-    ("/(?:a)/", "not POSIX"),
-    ("/a**/", "two repetition operators"),
-    ("/[[:foo:]]/", "unknown character class"),
+    ("/(?:a)/", "Invalid preceding regular expression"),
+    ("/[[:foo:]]/", "Invalid character class name"),
+    ("/a(/", "Unmatched ( or \\("),
+    ("/a{2,1}/", "Invalid content of \\{\\}"),
+    ("/[z-a]/", "Invalid range end"),
 ])
-def test_untranslatable_posix_constructs_are_skipped(pattern: str, why: str) -> None:
-    msg = warnings_of(f"{pattern} REJECT\n")
-    assert msg.startswith("t:1:") and why in msg
+def test_posix_patterns_glibc_refuses_are_skipped_with_its_text(pattern: str, why: str) -> None:
+    # dict_regexp.c: "regexp map F, line N: <regerror() text>", and the rule is skipped.
+    assert warnings_of(f"{pattern} REJECT\n") == f"t:1: {why}"
+
+
+def test_posix_patterns_are_read_as_glibc_reads_them() -> None:
+    # \d is no digit class; a** is accepted; leftmost-longest alternation.
+    t = parse("/^X: a\\d/i REJECT\n/^Y: b**$/ REJECT\n/^Z: (a|ab)/ REPLACE [$1]\n",
+              context=Context.CONTENT)
+    assert not t.warnings
+    assert t.lookup("X: ad") is not None and t.lookup("X: a1") is None
+    assert t.lookup("Y: bbb") is not None
+    hit = t.lookup("Z: abc")
+    assert hit is not None and hit.text == "[ab]"
 
 
 @pytest.mark.parametrize(("pattern", "why"), [
