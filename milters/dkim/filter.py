@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import replace
 
+from milters.core import arc
 from milters.core.addresses import parse_address_list
 from milters.core.config import FilterSettings
 from milters.core.dkim_verify import FAIL, PASS, PERMERROR, TEMPERROR, dkim_headers, verify_all
@@ -78,7 +79,7 @@ class DkimFilter(Filter):
     stages = Stage.HEADER | Stage.BODY
     may_quarantine = True
     may_replace_body = True  # body lines over 998 bytes, broken before signing
-    ar_methods = frozenset({"dkim"})
+    ar_methods = frozenset({"dkim", "arc"})
 
     def __init__(self, settings: FilterSettings, env: Env) -> None:
         super().__init__(settings, env)
@@ -183,8 +184,9 @@ class DkimFilter(Filter):
     def verify(self, tx: Transaction) -> Verdict:
         s = self.dkim
         headers = dkim_headers(tx.headers)
+        body = tx.body.getvalue()
         results, skipped = verify_all(
-            headers, tx.body.getvalue(), self.env.resolver.txt,
+            headers, body, self.env.resolver.txt,
             s.max_signatures, s.min_key_bits, s.ignore_domains, s.clock_skew,
         )
         notes = []
@@ -199,6 +201,13 @@ class DkimFilter(Filter):
                          f"{address.rpartition('@')[2]}")
         ar = tuple(r.auth_result() for r in results) or (AuthResult("dkim", "none"),)
         summary = ", ".join(f"{r.result} d={r.domain or '?'}" for r in results) or "none"
+        if s.arc_verify:
+            chain = arc.verify_chain(headers, body, self.env.resolver.txt, s.min_key_bits)
+            ar += (chain.auth_result(tx.connection.client_addr),)
+            if chain.result != arc.NONE:
+                summary += f"; {chain.describe()}"
+            if chain.reason:
+                notes.append(f"arc={chain.result}: {chain.reason}")
         verdict = Verdict(reason=f"dkim {summary}", results=ar, log_notes=tuple(notes))
         if any(r.result == PASS for r in results):
             return verdict

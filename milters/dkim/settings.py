@@ -167,6 +167,12 @@ class DkimSettings(FilterSettings):
         (),
         "signing domains (d=) not verified nor reported; .example.com: its sub-domains",
     )
+    arc_verify: bool = setting(
+        True,
+        "validate the ARC chain (RFC 8617) of mail that is verified and write arc=pass, "
+        "fail or none with smtp.remote-ip and header.oldest-pass; dmarc reads it for "
+        "[dmarc] trusted_arc_sealers. Mail without ARC fields costs nothing more",
+    )
     on_bad_signature: OnResult = setting(
         "accept", "no signature passed and one failed (OpenDKIM On-BadSignature)"
     )

@@ -1,0 +1,80 @@
+"""ARC (RFC 8617) over the milter protocol: `milters run dkim` validating chains
+sealed by dkimpy's arc_sign (1, 2, 3 hops, tampered, broken), with the loopback DNS
+serving the sealers' keys."""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from milters import client
+from tests.support.arc import Sealer, chain
+from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.processes import ProcessFactory, free_port, others_disabled
+
+ROOT = Path(__file__).resolve().parents[2]
+AUTHSERV_ID = "mx.test.example"
+FWD = Sealer("fwd.example")
+LISTS = Sealer("lists.example", n=1)
+THIRD = Sealer("third.example", n=2)
+MESSAGE = (b"From: Alice <alice@bank.example>\r\nTo: list@lists.example\r\n"
+           b"Subject: statement\r\nDate: Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+           b"Message-ID: <s1@bank.example>\r\n\r\nYour statement is ready.\r\n")
+
+
+@pytest.fixture(scope="module")
+def dns() -> Iterator[LoopbackDNS]:
+    with dns_server() as server:
+        for s in (FWD, LISTS, THIRD):
+            s.publish(server)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def dkim_spec(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    d = tmp_path_factory.mktemp("arcverify")
+    port = free_port()
+    config = d / "milters.toml"
+    config.write_text(
+        f'[global]\nauthserv_id = "{AUTHSERV_ID}"\ninternal_networks = ["127.0.0.0/8"]\n'
+        f"{dns.toml(timeout=2.0)}\n"
+        f'[dkim]\nsocket = "inet:{port}@127.0.0.1"\nworkers = 1\n' + others_disabled("dkim"))
+    with ProcessFactory() as factory:
+        argv = [sys.executable, "-m", "milters", "run", "dkim", "--config", str(config)]
+        factory.start(argv, port, env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        yield f"inet:{port}@127.0.0.1"
+
+
+def inbound(spec: str, raw: bytes) -> client.ProbeResult:
+    env = client.Envelope(client_ip="198.51.100.7", client_name="mx.lists.example",
+                          mail_from="list-bounces@lists.example", rcpt_to=["bob@test.example"])
+    return client.probe(spec, raw, env, timeout=30)
+
+
+def arc_result(r: client.ProbeResult) -> str:
+    text = " ".join(" ".join(e.value.split()) for e in r.header_edits
+                    if e.name == "Authentication-Results")
+    m = re.search(r"arc=\S+[^;]*", text)
+    assert m, text
+    return m.group(0)
+
+
+@pytest.mark.parametrize("hops", [[FWD], [FWD, LISTS], [FWD, LISTS, THIRD]])
+def test_chains_sealed_by_dkimpy_pass(dkim_spec: str, hops: list[Sealer]) -> None:
+    r = inbound(dkim_spec, chain(MESSAGE, hops, author="bank.example"))
+    assert r.verdict in ("accept", "continue")
+    assert arc_result(r) == "arc=pass header.oldest-pass=0 smtp.remote-ip=198.51.100.7"
+
+
+def test_tampered_and_broken_chains_fail(dkim_spec: str) -> None:
+    sealed = chain(MESSAGE, [FWD, LISTS], author="bank.example")
+    assert arc_result(inbound(dkim_spec, sealed.replace(b"ready", b"late"))).startswith(
+        "arc=fail")
+    broken = re.sub(rb"ARC-Seal: i=1;.*?(?=\r\n\S)", b"", sealed, count=1, flags=re.S)
+    assert broken != sealed
+    assert arc_result(inbound(dkim_spec, broken)).startswith("arc=fail")
+    assert arc_result(inbound(dkim_spec, MESSAGE)) == "arc=none"
