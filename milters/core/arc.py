@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import authres
 import dkim
 import dkim.canonicalization
 import nacl.exceptions
@@ -291,3 +292,54 @@ def verify_chain(headers: Sequence[DkimHeader], body: bytes, lookup: TxtLookup,
         return ArcResult(PASS, "", oldest_pass(results), chain)
     # dkimpy's None: an ARC-Seal said cv=fail (RFC 8617 §5.2 step 2: fail).
     return ArcResult(FAIL, text, chain=chain)
+
+
+# -- sealing (RFC 8617 §5.1) ----------------------------------------------------------
+
+
+class SealError(Exception):
+    """No ARC set could be made for this message (the reason is for the log)."""
+
+
+def seal(headers: Sequence[DkimHeader], body: bytes, our_results: Sequence[bytes],
+         domain: str, selector: str, key_pem: bytes) -> list[tuple[str, str]]:
+    """The next ARC set for a message, as (name, value) pairs in the order to put them
+    on top (ARC-Seal first), values folded with "\\n " as the milter inserts them.
+
+    `our_results` are the values of our own Authentication-Results fields: they make
+    the ARC-Authentication-Results, and their arc= result the seal's cv= (none when
+    there is no chain yet). dkimpy signs rsa-sha256, c=relaxed/relaxed; it is given
+    our relaxed body (idempotent under its own canonicalization, linear in time).
+    """
+    if not our_results:
+        raise SealError("no Authentication-Results of ours to seal")
+    # dkimpy picks the fields whose authres-parsed id equals srv_id: give it ours only,
+    # under the name it looks for, and the id as authres spells it.
+    srv_id = _authres_id(our_results[0])
+    signer = dkim.ARC()
+    signer.headers = [[name, value] for name, value in headers
+                      if name.lower() != authresults.FIELD_NAME.lower().encode()]
+    signer.headers += [[authresults.FIELD_NAME.encode(), b" " + v.strip() + b"\r\n"]
+                       for v in our_results]
+    signer.body = canonicalize_body(b"relaxed", body)
+    try:
+        fields = signer.sign(selector.encode(), domain.encode(), key_pem, srv_id.encode(),
+                             include_headers=signer.default_sign_headers())
+    except dkim.DKIMException as exc:
+        raise SealError(f"{type(exc).__name__}: {exc}") from None
+    if not fields:
+        raise SealError("dkimpy made no set (an existing chain without an arc= result)")
+    out = []
+    for raw in fields:
+        name, _, value = raw.decode("ascii").partition(":")
+        out.append((name, value.strip().replace("\r\n", "\n")))
+    return out
+
+
+def _authres_id(value: bytes) -> str:
+    try:
+        parsed = authres.AuthenticationResultsHeader.parse(
+            "Authentication-Results: " + value.decode("utf-8", "replace"))
+    except authres.core.SyntaxError as exc:
+        raise SealError(f"our Authentication-Results field does not parse: {exc}") from None
+    return str(parsed.authserv_id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -78,3 +78,77 @@ def test_tampered_and_broken_chains_fail(dkim_spec: str) -> None:
     assert broken != sealed
     assert arc_result(inbound(dkim_spec, broken)).startswith("arc=fail")
     assert arc_result(inbound(dkim_spec, MESSAGE)) == "arc=none"
+
+
+# -- the chain: verify, dmarc, seal last -----------------------------------------------
+
+OURS = "ours.example"
+
+
+@pytest.fixture(scope="module")
+def chain_spec(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory
+               ) -> Iterator[tuple[str, Path]]:
+    """Chain mode: dkim (verifies ARC), spf, dmarc (p=reject refused; fwd.example and
+    lists.example trusted), the signing step sealing all forwarded mail as ours.example."""
+    from milters.dkim.keytools import genkey
+
+    d = tmp_path_factory.mktemp("arcchain")
+    made = genkey(OURS, "seal", "rsa", 2048, str(d))
+    dns.txt(f"seal._domainkey.{OURS}", made.key.dns_record())
+    dns.txt("_dmarc.bank.example", "v=DMARC1; p=reject; rua=mailto:rua@bank.example")
+    port = free_port()
+    config = d / "milters.toml"
+    config.write_text(
+        f'[global]\nauthserv_id = "{AUTHSERV_ID}"\ninternal_networks = ["127.0.0.0/8"]\n'
+        f"{dns.toml(timeout=2.0)}\n"
+        f'[dkim]\ndomain = ["{OURS}"]\nselector = "seal"\nkey_file = "{d}/seal.private"\n'
+        'arc_seal = "all"\n'
+        f'[dmarc]\nreject_failures = true\nhistory = "{d}/history.sqlite"\n'
+        "[clamav]\nenabled = false\n[checks]\nenabled = false\n"
+        f'[chain]\nenabled = true\nsocket = "inet:{port}@127.0.0.1"\nworkers = 1\n')
+    with ProcessFactory() as factory:
+        argv = [sys.executable, "-m", "milters", "run", "chain", "--config", str(config)]
+        factory.start(argv, port, env={"PYTHONPATH": str(ROOT)}, cwd=ROOT)
+        yield f"inet:{port}@127.0.0.1", d
+
+
+def delivered(raw: bytes, r: client.ProbeResult) -> bytes:
+    """The message as Postfix would store (and forward) it after the chain's edits."""
+    headers, body = client.parse_message(raw)
+    edited = client.apply_header_edits(headers, r.header_edits,
+                                       leading_space=r.negotiated.leading_space)
+    return b"".join(n.encode() + b":" + v.replace(b"\n", b"\r\n") + b"\r\n"
+                    for n, v in edited) + b"\r\n" + body
+
+
+def dnsfunc(dns: LoopbackDNS) -> Callable[..., bytes | None]:
+    """dkimpy's dnsfunc over the loopback DNS (what a receiver downstream would ask)."""
+    from milters.core.config import DnsSettings
+    from milters.core.resolver import Resolver
+
+    resolver = Resolver(DnsSettings(nameservers=("127.0.0.1",), port=dns.port, timeout=2.0))
+    return resolver.dkim_dnsfunc
+
+
+def test_forwarded_mail_is_sealed_and_validates_in_dkimpy(
+        chain_spec: tuple[str, Path], dns: LoopbackDNS) -> None:
+    import dkim
+
+    spec, _ = chain_spec
+    raw = chain(MESSAGE.replace(b"bank.example", b"plain.example"), [FWD],
+                author="plain.example")
+    r = inbound(spec, raw)
+    assert r.verdict in ("accept", "continue"), r.smtp_reply
+    out = delivered(raw, r)
+    cv, results, reason = dkim.arc_verify(out, dnsfunc=dnsfunc(dns))
+    assert (cv, reason) == (b"pass", "success")
+    [ours] = [x for x in results if x["instance"] == 2]
+    assert ours["as-domain"] == OURS.encode()
+    aar = b" ".join(ours["aar-value"].split())
+    assert aar.startswith(f"i=2; {AUTHSERV_ID};".encode())
+    for result in (b"arc=pass", b"dkim=none", b"dmarc=none", b"spf="):
+        assert result in aar, aar
+    tampered = out.replace(b"statement is ready", b"statement is late")
+    assert dkim.arc_verify(tampered, dnsfunc=dnsfunc(dns))[0] == b"fail"
+    # Back through our own chain (the next hop runs our verifier): pass, 2 sealers.
+    assert arc_result(inbound(spec, out)).startswith("arc=pass")
