@@ -104,6 +104,7 @@ def chain_spec(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory
         f'[dkim]\ndomain = ["{OURS}"]\nselector = "seal"\nkey_file = "{d}/seal.private"\n'
         'arc_seal = "all"\n'
         f'[dmarc]\nreject_failures = true\nhistory = "{d}/history.sqlite"\n'
+        'trusted_arc_sealers = ["fwd.example", "lists.example"]\n'
         "[clamav]\nenabled = false\n[checks]\nenabled = false\n"
         f'[chain]\nenabled = true\nsocket = "inet:{port}@127.0.0.1"\nworkers = 1\n')
     with ProcessFactory() as factory:
@@ -152,3 +153,39 @@ def test_forwarded_mail_is_sealed_and_validates_in_dkimpy(
     assert dkim.arc_verify(tampered, dnsfunc=dnsfunc(dns))[0] == b"fail"
     # Back through our own chain (the next hop runs our verifier): pass, 2 sealers.
     assert arc_result(inbound(spec, out)).startswith("arc=pass")
+
+
+def list_copy(sealer: Sealer) -> bytes:
+    """A bank.example (p=reject) message as a list sends it on: DMARC passed on the way
+    in, then a subject tag and a footer (the author's alignment is gone), then sealed."""
+    from tests.support.arc import seal
+
+    edited = (MESSAGE.replace(b"Subject: statement", b"Subject: [team] statement")
+              + b"--\r\nteam mailing list\r\n")
+    return seal(edited, sealer, "dmarc=pass header.from=bank.example")
+
+
+def test_trusted_forwarder_overrides_p_reject(chain_spec: tuple[str, Path]) -> None:
+    from milters.dmarc.history import SqliteHistory
+    from tests.support.processes import wait_until
+
+    spec, d = chain_spec
+    r = inbound(spec, list_copy(LISTS))
+    assert r.verdict in ("accept", "continue"), r.smtp_reply
+    text = " ".join(" ".join(e.value.split()) for e in r.header_edits
+                    if e.name == "Authentication-Results")
+    assert "dmarc=fail (p=reject dis=none override=trusted_forwarder)" in text, text
+    history = SqliteHistory(str(d / "history.sqlite"))
+
+    def overridden() -> list[object]:
+        return [(e.override, e.override_comment) for e in history.entries(0, 2**40)
+                if e.override]
+
+    assert wait_until(lambda: bool(overridden()), 5)
+    assert overridden() == [("trusted_forwarder", "arc=pass as[1].d=lists.example")]
+
+
+def test_untrusted_sealer_is_rejected(chain_spec: tuple[str, Path]) -> None:
+    spec, _ = chain_spec
+    r = inbound(spec, list_copy(THIRD))  # third.example seals, but is not trusted
+    assert r.verdict == "reject" and r.smtp_reply.startswith("550 5.7.1"), r.smtp_reply
