@@ -117,12 +117,19 @@ class DkimFilter(Filter):
 
     def load_warnings(self) -> list[str]:
         s = self.dkim
+        warnings = []
         if (s.sign and not s.sign_socket and self.env.downstream
                 and self.keyring.keys):
-            return [f"[dkim] sign_socket is empty: mail is signed at the dkim socket, "
-                    f"before {', '.join(self.env.downstream)} edit it; an edit of a "
-                    "signed field (a checks REPLACE of Subject) breaks the signature"]
-        return []
+            warnings.append(
+                f"[dkim] sign_socket is empty: mail is signed at the dkim socket, "
+                f"before {', '.join(self.env.downstream)} edit it; an edit of a "
+                "signed field (a checks REPLACE of Subject) breaks the signature")
+        if self.sealer is not None and not s.sign_socket and self.env.downstream:
+            warnings.append(
+                f"[dkim] sign_socket is empty: mail is ARC-sealed at the dkim socket, "
+                f"without the results of {', '.join(self.env.downstream)} and before "
+                "their edits (which break the seal)")
+        return warnings
 
     # -- who is who ------------------------------------------------------------
 

@@ -136,3 +136,12 @@ def test_ed25519_alone_cannot_seal(dkim_filter: FilterFactory, keys: TestKeys) -
     with pytest.raises(ConfigError, match="seals are rsa-sha256"):
         dkim_filter(arc_seal="all", selector="ed", key_file=str(keys.ed),
                     ed25519_selector="", ed25519_key_file="")
+
+
+def test_sealing_before_other_filters_is_warned(keys: TestKeys, dns: LoopbackDNS) -> None:
+    settings = DkimSettings(domain=(DOMAIN,), selector="rsa", key_file=str(keys.rsa),
+                            arc_seal="all", sign_socket="", sign=False)
+    env = Env(GlobalSettings(authserv_id="mx.test.example"), downstream=("dmarc",))
+    [warning] = DkimFilter(settings, env).load_warnings()
+    assert "ARC-sealed at the dkim socket, without the results of dmarc" in warning
+    assert DkimFilter(settings, Env(GlobalSettings())).load_warnings() == []
