@@ -322,9 +322,13 @@ def seal(headers: Sequence[DkimHeader], body: bytes, our_results: Sequence[bytes
     signer.headers += [[authresults.FIELD_NAME.encode(), b" " + v.strip() + b"\r\n"]
                        for v in our_results]
     signer.body = canonicalize_body(b"relaxed", body)
+    signed = signer.default_sign_headers()
+    if len(signed) > MAX_SIGNED_FIELDS:
+        # Thousands of To fields would make an h= (and a field) of that size.
+        raise SealError(f"more than {MAX_SIGNED_FIELDS} fields to sign")
     try:
         fields = signer.sign(selector.encode(), domain.encode(), key_pem, srv_id.encode(),
-                             include_headers=signer.default_sign_headers())
+                             include_headers=signed)
     except dkim.DKIMException as exc:
         raise SealError(f"{type(exc).__name__}: {exc}") from None
     if not fields:

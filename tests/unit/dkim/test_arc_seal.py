@@ -145,3 +145,19 @@ def test_sealing_before_other_filters_is_warned(keys: TestKeys, dns: LoopbackDNS
     [warning] = DkimFilter(settings, env).load_warnings()
     assert "ARC-sealed at the dkim socket, without the results of dmarc" in warning
     assert DkimFilter(settings, Env(GlobalSettings())).load_warnings() == []
+
+
+def test_hostile_mail_is_not_sealed_and_never_raises(dkim_filter: FilterFactory) -> None:
+    flt = dkim_filter(arc_seal="all")
+    many_to = b"".join(b"To: x%d@example.net\r\n" % i for i in range(600)) + MESSAGE
+    v = flt.check(transaction(many_to))
+    assert "ARC-Seal" not in [e.name for e in v.header_edits]
+    assert any("more than 512 fields" in n for n in v.log_notes)
+    # A chain at the instance limit: no 51st set (dkimpy refuses, we note it).
+    at_limit = (
+        b"ARC-Seal: i=50; cv=pass; a=rsa-sha256; d=x.example; s=a; b=AAAA\r\n"
+        b"ARC-Message-Signature: i=50; a=rsa-sha256; d=x.example; s=a; h=from; bh=AAAA; "
+        b"b=AAAA\r\nARC-Authentication-Results: i=50; x.example; dmarc=pass\r\n") + MESSAGE
+    v = flt.check(transaction(at_limit))
+    assert "ARC-Seal" not in [e.name for e in v.header_edits]
+    assert any(n.startswith("not sealed") for n in v.log_notes), v.log_notes
