@@ -80,6 +80,20 @@ def test_tampered_and_broken_chains_fail(dkim_spec: str) -> None:
     assert arc_result(inbound(dkim_spec, MESSAGE)) == "arc=none"
 
 
+
+@pytest.mark.parametrize("fields", [
+    b"ARC-Seal: i=99; cv=none; a=rsa-sha256; d=x.example; s=a; b=AAAA\r\n",
+    b"ARC-Seal: i=1; cv=none; a=rsa-sha256; d=x.example; s=a; b=AAAA\r\n" * 2,
+    b"ARC-Message-Signature: i=1; h=" + b":".join([b"x"] * 5000) + b"\r\n",
+    b"ARC-Authentication-Results: i=1; \xff\xfe; arc=pass\r\n",
+    b"ARC-Seal: i=1; b=" + b"\r\n " * 3000 + b"!\r\n",
+])
+def test_hostile_arc_fields_fail_and_the_filter_lives(dkim_spec: str, fields: bytes) -> None:
+    r = inbound(dkim_spec, fields + MESSAGE)
+    assert r.verdict in ("accept", "continue"), r.smtp_reply
+    assert arc_result(r).startswith("arc=fail")
+
+
 # -- the chain: verify, dmarc, seal last -----------------------------------------------
 
 OURS = "ours.example"
