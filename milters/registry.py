@@ -67,12 +67,13 @@ def load_from_mapping(data: Mapping[str, Any], source: str = "(mapping)") -> Con
 
 def with_sign_step(cfg: Config) -> Config:
     """The config with dkim's signing step as an entry of its own (`dkim-sign`),
-    enabled when it is separate: dkim signs (keys configured) and other filters
-    follow it. Its settings are [dkim]'s, on [dkim] sign_socket."""
+    enabled when it is separate: dkim signs or ARC-seals (keys configured) and
+    other filters follow it. Its settings are [dkim]'s, on [dkim] sign_socket."""
     dkim = cfg.filters["dkim"]
     assert isinstance(dkim, DkimSettings)
     others = [n for n in FILTERS if n != "dkim" and cfg.filters[n].enabled]
-    separate = (dkim.enabled and dkim.sign and bool(dkim.sign_socket) and bool(others)
+    separate = (dkim.enabled and (dkim.sign or dkim.arc_seal != "off")
+                and bool(dkim.sign_socket) and bool(others)
                 and bool(dkim.key_file or dkim.key_table))
     step = replace(dkim, enabled=separate, socket=dkim.sign_socket or dkim.socket)
     if separate:

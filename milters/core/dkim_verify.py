@@ -223,16 +223,17 @@ def verify_all(headers: Sequence[DkimHeader], body: bytes, lookup: TxtLookup,
     fields = [h for h in headers if h[0].lower() == b"dkim-signature"]
     when = int(time.time() if now is None else now)
     results = []
-    budgeted = _budgeted(lookup, dns_budget)
+    within_budget = budgeted(lookup, dns_budget)
     for sig_field in fields[:max_signatures]:
-        r = verify_one(sig_field, cache, budgeted, min_key_bits, ignore_domains,
+        r = verify_one(sig_field, cache, within_budget, min_key_bits, ignore_domains,
                        clock_skew, when)
         if r is not None:
             results.append(r)
     return results, max(0, len(fields) - max_signatures)
 
 
-def _budgeted(lookup: TxtLookup, budget: float) -> TxtLookup:
+def budgeted(lookup: TxtLookup, budget: float) -> TxtLookup:
+    """`lookup` that raises TempError once `budget` seconds have passed since now."""
     deadline = time.monotonic() + budget
 
     def within_budget(name: str) -> list[bytes]:
@@ -284,6 +285,15 @@ def parse_tags(value: bytes) -> dict[bytes, bytes]:
     return tags
 
 
+def tags_or_none(value: bytes) -> dict[bytes, bytes] | None:
+    """The tags of a tag-list as parse_tags reads them; None when it is malformed
+    (for readers of other tag-list fields, such as ARC's, that only need to know)."""
+    try:
+        return parse_tags(value)
+    except _Refusal:
+        return None
+
+
 def is_domain_name(name: bytes, label: re.Pattern[bytes] = _LDH_LABEL) -> bool:
     """Whether `name` can be a DNS name of such labels (253 bytes at most, RFC 1035)."""
     return (0 < len(name) <= 253
@@ -296,6 +306,14 @@ def signed_fields(h: bytes) -> list[bytes]:
     if not all(_FIELD_NAME.fullmatch(n) for n in names):
         raise _Refusal(PERMERROR, "h= is malformed")
     return names
+
+
+def signed_fields_or_none(h: bytes) -> list[bytes] | None:
+    """signed_fields, None when the list is malformed."""
+    try:
+        return signed_fields(h)
+    except _Refusal:
+        return None
 
 
 def check_tags(tags: dict[bytes, bytes], now: int, clock_skew: int) -> list[bytes]:

@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+from milters.core import arc, authresults
 from milters.core.addresses import parse_address_list
 from milters.core.config import FilterSettings
-from milters.core.dkim_verify import FAIL, PASS, PERMERROR, TEMPERROR, dkim_headers, verify_all
+from milters.core.dkim_verify import (
+    FAIL,
+    PASS,
+    PERMERROR,
+    TEMPERROR,
+    DkimHeader,
+    dkim_headers,
+    verify_all,
+)
 from milters.core.errors import ConfigError
 from milters.core.filter import Env, Filter, Network, Stage
 from milters.core.model import Connection, Transaction
@@ -27,6 +37,7 @@ from milters.core.verdict import (
     Reply,
     Verdict,
 )
+from milters.dkim.arcseal import build_sealer
 from milters.dkim.keys import (
     KeyRing,
     PrivateKey,
@@ -78,13 +89,14 @@ class DkimFilter(Filter):
     stages = Stage.HEADER | Stage.BODY
     may_quarantine = True
     may_replace_body = True  # body lines over 998 bytes, broken before signing
-    ar_methods = frozenset({"dkim"})
+    ar_methods = frozenset({"dkim", "arc"})
 
     def __init__(self, settings: FilterSettings, env: Env) -> None:
         super().__init__(settings, env)
         assert isinstance(settings, DkimSettings)
         self.dkim = settings
         self.keyring = build_key_ring(settings)
+        self.sealer = build_sealer(settings, self.keyring)
         self.internal_hosts = _networks(settings.internal_hosts)
         self.peer_hosts = _networks(settings.peer_hosts)
         self.external_ignore = _networks(settings.external_ignore)
@@ -98,16 +110,26 @@ class DkimFilter(Filter):
 
     def describe(self) -> list[str]:
         lines = self.keyring.describe()
+        if self.sealer is not None:
+            lines.append(f"ARC seal ({self.sealer.mode}): d={self.sealer.domain} "
+                         f"s={self.sealer.selector} rsa-sha256")
         return lines or ["no signing keys: mail is verified only"]
 
     def load_warnings(self) -> list[str]:
         s = self.dkim
+        warnings = []
         if (s.sign and not s.sign_socket and self.env.downstream
                 and self.keyring.keys):
-            return [f"[dkim] sign_socket is empty: mail is signed at the dkim socket, "
-                    f"before {', '.join(self.env.downstream)} edit it; an edit of a "
-                    "signed field (a checks REPLACE of Subject) breaks the signature"]
-        return []
+            warnings.append(
+                f"[dkim] sign_socket is empty: mail is signed at the dkim socket, "
+                f"before {', '.join(self.env.downstream)} edit it; an edit of a "
+                "signed field (a checks REPLACE of Subject) breaks the signature")
+        if self.sealer is not None and not s.sign_socket and self.env.downstream:
+            warnings.append(
+                f"[dkim] sign_socket is empty: mail is ARC-sealed at the dkim socket, "
+                f"without the results of {', '.join(self.env.downstream)} and before "
+                "their edits (which break the seal)")
+        return warnings
 
     # -- who is who ------------------------------------------------------------
 
@@ -122,13 +144,27 @@ class DkimFilter(Filter):
         conn = tx.connection
         if _in(conn, self.peer_hosts):
             return Verdict(reason="peer host: not signed nor verified")
-        if self.is_ours(conn):
-            # With a signing step of its own at the end of the chain, it signs.
-            signs_here = self.dkim.sign and DkimSignFilter.name not in self.env.downstream
-            return self.sign(tx) if signs_here else ACCEPT
-        if self.dkim.verify:
-            return self.verify(tx)
-        return ACCEPT
+        ours = self.is_ours(conn)
+        verdict = self.verify(tx) if not ours and self.dkim.verify else ACCEPT
+        # With a signing step of its own at the end of the chain, that step signs
+        # and seals, after every other filter's edits.
+        if DkimSignFilter.name in self.env.downstream:
+            return verdict
+        return self.sign_and_seal(tx, ours, verdict)
+
+    def sign_and_seal(self, tx: Transaction, ours: bool, verdict: Verdict) -> Verdict:
+        """Our mail signed, mail we forward sealed (ARC), as configured."""
+        signs = ours and self.dkim.sign
+        seals = (self.sealer is not None and not verdict.final and not verdict.quarantine
+                 and self.sealer.wants(tx, ours))
+        if not (signs or seals):
+            return verdict
+        out = self.outgoing(tx)
+        if signs:
+            verdict = self.sign(tx, out)
+        if seals:
+            verdict = self.seal(tx, verdict, out)
+        return verdict
 
     # -- signing -----------------------------------------------------------------
 
@@ -141,15 +177,11 @@ class DkimFilter(Filter):
                 return address
         return found[0] if found else ""
 
-    def sign(self, tx: Transaction) -> Verdict:
-        address = self.signer_address(tx)
-        keys = self.keyring.keys_for(address) if address else ()
-        if not keys:
-            why = f"no key for {address}" if address else "no single From address"
-            return Verdict(reason=f"not signed: {why}", log_notes=(f"not signed: {why}",))
+    def outgoing(self, tx: Transaction) -> Outgoing:
+        """The message as Postfix will send it, which is what we sign and seal: lines
+        over 998 bytes are folded now (and the field replaced), else Postfix's smtp
+        client breaks them after we signed; long body lines likewise."""
         edits: list[HeaderEdit] = []
-        # Sign what Postfix will send: lines over 998 bytes are folded now (and the
-        # field replaced), else Postfix's smtp client breaks them after we signed.
         headers = list(tx.headers)
         for f in fold_long_fields(headers):
             try:
@@ -163,28 +195,64 @@ class DkimFilter(Filter):
                     seen += 1
                     if seen == f.occurrence:
                         headers[i] = replace(h, value=f.value)
-        wire_headers = dkim_headers(headers)
         body = tx.body.getvalue()
         new_body = break_long_body_lines(body)
-        if new_body is not None:
-            body = new_body
+        return Outgoing(tuple(edits), dkim_headers(headers),
+                        body if new_body is None else new_body, new_body)
+
+    def sign(self, tx: Transaction, out: Outgoing | None = None) -> Verdict:
+        address = self.signer_address(tx)
+        keys = self.keyring.keys_for(address) if address else ()
+        if not keys:
+            why = f"no key for {address}" if address else "no single From address"
+            return Verdict(reason=f"not signed: {why}", log_notes=(f"not signed: {why}",))
+        out = out or self.outgoing(tx)
+        edits = list(out.edits)
         cache: dict[tuple[str, str], bytes] = {}
         done = []
         for domain, selector, key in keys:
-            value = sign_message(wire_headers, body, domain, selector, key,
+            value = sign_message(out.headers, out.body, domain, selector, key,
                                  self.sign_options, body_cache=cache)
             edits.append(HeaderEdit(EditKind.INSERT, SIGNATURE_FIELD, value, index=0))
             done.append(f"d={domain} s={selector} a={key.algorithm}")
         return Verdict(reason="signed " + ", ".join(done), header_edits=tuple(edits),
-                       replace_body=new_body)
+                       replace_body=out.new_body)
+
+    def seal(self, tx: Transaction, verdict: Verdict, out: Outgoing) -> Verdict:
+        """`verdict` with an ARC set of ours on top (RFC 8617 §5.1), over our results:
+        those our filters before this one wrote, and this verdict's own."""
+        assert self.sealer is not None
+        own = authresults.normalize_id(self.env.global_.authserv_id)
+        results = [v for v in tx.header_values(authresults.FIELD_NAME)
+                   if authresults.authserv_id_of(v) == own]
+        if verdict.results:
+            results.append(authresults.format_value(self.env.global_.authserv_id,
+                                                    verdict.results).encode())
+        try:
+            fields = arc.seal(out.headers, out.body, results, self.sealer.domain,
+                              self.sealer.selector, self.sealer.key_pem)
+        except arc.SealError as exc:
+            note = f"not sealed: {exc}"
+            return replace(verdict, log_notes=(*verdict.log_notes, note))
+        edits = list(verdict.header_edits)
+        edits += [e for e in out.edits if e not in edits]  # folds, when not signed
+        # Each insert at 0 goes above the one before: ARC-Seal ends on top.
+        edits += [HeaderEdit(EditKind.INSERT, name, value, index=0)
+                  for name, value in reversed(fields)]
+        instance = re.match(r"\s*i=(\d+)", fields[0][1])
+        what = f"sealed i={instance.group(1) if instance else '?'} d={self.sealer.domain}"
+        reason = f"{verdict.reason}; {what}" if verdict.reason else what
+        return replace(verdict, reason=reason, header_edits=tuple(edits),
+                       replace_body=out.new_body)
 
     # -- verification --------------------------------------------------------------
 
     def verify(self, tx: Transaction) -> Verdict:
         s = self.dkim
         headers = dkim_headers(tx.headers)
+        body = tx.body.getvalue()
         results, skipped = verify_all(
-            headers, tx.body.getvalue(), self.env.resolver.txt,
+            headers, body, self.env.resolver.txt,
             s.max_signatures, s.min_key_bits, s.ignore_domains, s.clock_skew,
         )
         notes = []
@@ -199,6 +267,13 @@ class DkimFilter(Filter):
                          f"{address.rpartition('@')[2]}")
         ar = tuple(r.auth_result() for r in results) or (AuthResult("dkim", "none"),)
         summary = ", ".join(f"{r.result} d={r.domain or '?'}" for r in results) or "none"
+        if s.arc_verify:
+            chain = arc.verify_chain(headers, body, self.env.resolver.txt, s.min_key_bits)
+            ar += (chain.auth_result(tx.connection.client_addr),)
+            if chain.result != arc.NONE:
+                summary += f"; {chain.describe()}"
+            if chain.reason:
+                notes.append(f"arc={chain.result}: {chain.reason}")
         verdict = Verdict(reason=f"dkim {summary}", results=ar, log_notes=tuple(notes))
         if any(r.result == PASS for r in results):
             return verdict
@@ -240,10 +315,19 @@ class DkimSignFilter(DkimFilter):
     ar_methods = frozenset()  # the verifying step owns dkim= results
 
     def check(self, tx: Transaction) -> Verdict:
-        conn = tx.connection
-        if _in(conn, self.peer_hosts) or not self.is_ours(conn) or not self.dkim.sign:
+        if _in(tx.connection, self.peer_hosts):
             return ACCEPT
-        return self.sign(tx)
+        return self.sign_and_seal(tx, self.is_ours(tx.connection), ACCEPT)
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message as it will leave: fold edits, header as (name, value) bytes, body."""
+
+    edits: tuple[HeaderEdit, ...]
+    headers: list[DkimHeader]
+    body: bytes
+    new_body: bytes | None  # the body replaced (long lines broken), if it had to be
 
 
 def _single_address(tx: Transaction, name: str) -> str:

@@ -20,6 +20,10 @@ from milters.core.config import (
 # accept (deliver, AR result only), tag (also an X-Milters-DKIM header naming the
 # problem), quarantine (Postfix hold queue), reject (5xx), tempfail (4xx).
 OnResult = Literal["accept", "tag", "quarantine", "reject", "tempfail"]
+# Which mail gets an ARC set of ours: none, all mail that is not ours (a host that
+# forwards everything it receives), or mail that came through arc_seal_daemons or
+# has a recipient in arc_seal_recipient_domains.
+ArcSeal = Literal["off", "all", "listed"]
 
 CANONICALIZATIONS = ("relaxed/relaxed", "relaxed/simple", "simple/relaxed", "simple/simple",
                      "relaxed", "simple")
@@ -166,6 +170,35 @@ class DkimSettings(FilterSettings):
     ignore_domains: tuple[str, ...] = setting(
         (),
         "signing domains (d=) not verified nor reported; .example.com: its sub-domains",
+    )
+    arc_verify: bool = setting(
+        True,
+        "validate the ARC chain (RFC 8617) of mail that is verified and write arc=pass, "
+        "fail or none with smtp.remote-ip and header.oldest-pass; dmarc reads it for "
+        "[dmarc] trusted_arc_sealers. Mail without ARC fields costs nothing more",
+    )
+    arc_seal: ArcSeal = setting(
+        "off",
+        'add an ARC set (RFC 8617) over our Authentication-Results to mail we forward, '
+        'in the signing step, after every other edit: "off", "all" (all mail that is '
+        'not ours: a host that relays what it receives) or "listed" (mail received '
+        "through arc_seal_daemons, or with a recipient in arc_seal_recipient_domains); "
+        "needs arc_verify and an RSA key for arc_seal_domain",
+    )
+    arc_seal_domain: str = setting(
+        "",
+        "d= of our ARC seals; its RSA key comes from key_file or the key_table/"
+        "signing_table entry for that domain (default: the first of `domain`)",
+    )
+    arc_seal_daemons: tuple[str, ...] = setting(
+        (),
+        'with arc_seal = "listed": Postfix daemon names ({daemon_name}) whose mail is '
+        "sealed, e.g. a smtpd with -o milter_macro_daemon_name=FORWARD",
+    )
+    arc_seal_recipient_domains: tuple[str, ...] = setting(
+        (),
+        'with arc_seal = "listed": mail with a recipient in these domains is sealed '
+        "(domain, or .domain for its sub-domains), e.g. where aliases forward to",
     )
     on_bad_signature: OnResult = setting(
         "accept", "no signature passed and one failed (OpenDKIM On-BadSignature)"

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 
-from milters.core import authresults
+from milters.core import arc, authresults
 from milters.core.config import FilterSettings
 from milters.core.dkim_verify import dkim_headers, verify_all
 from milters.core.domains import DomainList
@@ -37,6 +37,7 @@ from milters.dmarc.evaluate import (
     evaluate_authors,
 )
 from milters.dmarc.failure import header_pairs, spool_from_settings
+from milters.dmarc.forwarded import ArcEvidence, trusted_forwarding
 from milters.dmarc.history import HistoryEntry, HistoryStore, open_history
 from milters.dmarc.record import DmarcRecord
 from milters.dmarc.settings import DmarcSettings
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 TAG_HEADER = "X-Milters-DMARC"
 REPLY_BAD_FROM = Reply("550", "5.7.1",
                        "a message needs one From field with addresses of one domain")
+# RFC 9990 PolicyOverrideType: relayed by a known forwarder (here: a trusted ARC chain).
+TRUSTED_FORWARDER = "trusted_forwarder"
 REPLY_TEMPERROR = Reply("451", "4.4.3", "cannot look up the DMARC policy now, try again later")
 
 
@@ -97,6 +100,7 @@ class DmarcFilter(Filter):
         # The crash journal (history.py): a row is in it before end-of-message is answered.
         self.history: HistoryStore | None = open_history(
             settings.history, settings.history_journal or None, settings.history_fsync)
+        self.trusted_sealers = DomainList.of(settings.trusted_arc_sealers)
         self.failures = spool_from_settings(settings.failure_reports, settings.failure_spool,
                                             settings.failure_redact)
 
@@ -113,8 +117,46 @@ class DmarcFilter(Filter):
     def _trusted(self, aid: str, method: str) -> bool:
         if aid not in self.trusted_ids:
             return False
-        # Our own id: only a filter of ours upstream can have written it (authresults.py).
-        return aid != self.own_id or method in self.env.upstream
+        # Our own id: only a filter of ours upstream can have written it (authresults.py);
+        # arc= results are the dkim filter's.
+        writer = "dkim" if method == "arc" else method
+        return aid != self.own_id or writer in self.env.upstream
+
+    def upstream_arc(self, tx: Transaction) -> str | None:
+        """The arc= result of a trusted field (our dkim filter's), None if none."""
+        fields = authresults.trusted_results(tx.header_values(authresults.FIELD_NAME),
+                                             self.trusted_ids)
+        for field in fields:
+            for method, result, _ in field.results or ():
+                if method == "arc" and self._trusted(field.authserv_id, method):
+                    return result
+        return None
+
+    def arc_evidence(self, tx: Transaction) -> ArcEvidence | None:
+        """The message's ARC chain and its validation: the dkim filter's result when
+        trusted (the chain read by the same core code it validated), else validated
+        here (self_validate); None when neither."""
+        headers = dkim_headers(tx.headers)
+        result = self.upstream_arc(tx)
+        if result is not None:
+            return ArcEvidence(result, arc.read_chain(headers))
+        if not self.dmarc.self_validate:
+            return None
+        checked = arc.verify_chain(headers, tx.body.getvalue(), self.env.resolver.txt,
+                                   self.dmarc.min_key_bits)
+        return ArcEvidence(checked.result, checked.chain)
+
+    def forwarded(self, tx: Transaction, ev: Evaluation) -> str:
+        """The trusted_forwarder comment when a trusted ARC chain sets aside this
+        failure (forwarded.py), else ""."""
+        if not (ev.result == FAIL and ev.disposition != "none" and self.trusted_sealers):
+            return ""
+        if not any(h.name.lower() == arc.SEAL for h in tx.headers):
+            return ""
+        evidence = self.arc_evidence(tx)
+        if evidence is None:
+            return ""
+        return trusted_forwarding(evidence, ev.header_from_domain, self.trusted_sealers)
 
     def upstream_results(self, tx: Transaction) -> tuple[list[DkimInput] | None,
                                                           SpfInput | None, bool]:
@@ -192,17 +234,25 @@ class DmarcFilter(Filter):
             if spf is None and not spf_seen:
                 spf = self.self_spf(tx)
         ev = evaluate_authors(authors, dkim or [], spf, self.env.resolver, s.discovery)
-        verdict, override = self.act(ev)
-        self.remember(tx, ev, dkim or [], spf, verdict, override)
+        forwarded = self.forwarded(tx, ev)
+        verdict, override = self.act(ev, forwarded)
+        self.remember(tx, ev, dkim or [], spf, verdict, override,
+                      forwarded if override == TRUSTED_FORWARDER else "")
         if self.failures is not None:  # opt-in RFC 9991 failure reports (failure.py)
             self.spool_failure(tx, ev, dkim or [], spf, verdict)
         return verdict
 
-    def act(self, ev: Evaluation) -> tuple[Verdict, str]:
-        """The verdict for an evaluation, and the RFC 9990 override reason if any."""
+    def act(self, ev: Evaluation, forwarded: str = "") -> tuple[Verdict, str]:
+        """The verdict for an evaluation, and the RFC 9990 override reason if any.
+        `forwarded`: a trusted ARC chain sets the failure aside (forwarded.py)."""
         s = self.dmarc
         applied, override = "none", ""
-        if ev.result == FAIL and ev.disposition != "none":
+        notes: tuple[str, ...] = ()
+        if ev.result == FAIL and ev.disposition != "none" and forwarded:
+            override = TRUSTED_FORWARDER
+            notes = (f"dmarc policy {ev.disposition} set aside: {TRUSTED_FORWARDER} "
+                     f"({forwarded})",)
+        elif ev.result == FAIL and ev.disposition != "none":
             spared = (listed(ev.header_from_domain, s.never_reject_domains)
                       or (ev.disposition == "reject" and not s.reject_failures)
                       or (ev.disposition == "quarantine" and s.on_quarantine == "accept"))
@@ -213,11 +263,15 @@ class DmarcFilter(Filter):
         elif ev.result == FAIL and ev.testing and ev.policy != "none":
             override = "policy_test_mode"
         comment = f"p={ev.policy} dis={applied}" if ev.record else ""
+        if override == TRUSTED_FORWARDER:
+            comment += f" override={TRUSTED_FORWARDER}"
         ar = AuthResult("dmarc", ev.result, comment=comment,
                         properties=(("header", "from", ev.header_from_domain),))
         # The From domain in the summary line: `milters stats` gives pass rates per domain.
         reason = f"dmarc={ev.result} header.from={ev.header_from_domain} {ev.reason}"
-        verdict = Verdict(reason=reason.strip(), results=(ar,))
+        if override == TRUSTED_FORWARDER:
+            reason += f"; override={TRUSTED_FORWARDER} {forwarded}"
+        verdict = Verdict(reason=reason.strip(), results=(ar,), log_notes=notes)
         if ev.result == TEMPERROR and s.on_temperror == "tempfail":
             return replace(verdict, action=Action.TEMPFAIL, reply=REPLY_TEMPERROR), ""
         if applied == "reject":
@@ -249,7 +303,8 @@ class DmarcFilter(Filter):
                         tx.queue_id or "NOQUEUE", exc)
 
     def remember(self, tx: Transaction, ev: Evaluation, dkim: Sequence[DkimInput],
-                 spf: SpfInput | None, verdict: Verdict, override: str) -> None:
+                 spf: SpfInput | None, verdict: Verdict, override: str,
+                 override_comment: str = "") -> None:
         """Keep the evaluation in the history; a store failure is logged, never fatal."""
         if self.history is None:
             return
@@ -273,6 +328,7 @@ class DmarcFilter(Filter):
             aspf=r.aspf, testing=r.t, discovery=ev.discovery, fo=r.fo, rua=r.rua,
             result=ev.result, dkim_aligned=ev.dkim_aligned, spf_aligned=ev.spf_aligned,
             policy=ev.policy, disposition=disposition, override=override,
+            override_comment=_storable(override_comment),
         )
         try:
             self.history.record(entry)

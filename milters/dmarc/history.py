@@ -66,6 +66,9 @@ class HistoryEntry:
     policy: str  # what the record asks (p/sp/np as it applies)
     disposition: str  # what was done: none, quarantine, reject
     override: str = ""  # RFC 9990 PolicyOverrideType when disposition != policy
+    # Its comment in the report: for trusted_forwarder, the ARC chain that earned it
+    # ("arc=pass as[2].d=lists.example as[1].d=fwd.example", as OpenDMARC writes it).
+    override_comment: str = ""
 
 
 _COLUMNS = [f.name for f in fields(HistoryEntry)]
@@ -79,7 +82,7 @@ CREATE TABLE IF NOT EXISTS dmarc_history (
     aspf TEXT NOT NULL, testing INTEGER NOT NULL, discovery TEXT NOT NULL, fo TEXT NOT NULL,
     rua TEXT NOT NULL, result TEXT NOT NULL, dkim_aligned INTEGER NOT NULL,
     spf_aligned INTEGER NOT NULL, policy TEXT NOT NULL, disposition TEXT NOT NULL,
-    override TEXT NOT NULL, uid TEXT
+    override TEXT NOT NULL, override_comment TEXT NOT NULL DEFAULT '', uid TEXT
 );
 CREATE INDEX IF NOT EXISTS dmarc_history_time ON dmarc_history (time, policy_domain);
 CREATE TABLE IF NOT EXISTS dmarc_report_log (
@@ -254,6 +257,9 @@ def _parse_journal(data: bytes) -> list[tuple[object, ...]]:
             row = json.loads(line)
         except ValueError:
             continue
+        if isinstance(row, list) and len(row) == len(_INSERT_COLUMNS) - 1:
+            # Journaled before override_comment existed: it goes before the uid.
+            row = [*row[:-1], "", row[-1]]
         if isinstance(row, list) and len(row) == len(_INSERT_COLUMNS):
             rows.append(tuple(row))
     return rows
@@ -475,6 +481,9 @@ class SqliteHistory(BatchedHistory):
         columns = {r[1] for r in conn.execute("PRAGMA table_info(dmarc_history)")}
         if "uid" not in columns:  # a history written before the journal existed
             conn.execute("ALTER TABLE dmarc_history ADD COLUMN uid TEXT")
+        if "override_comment" not in columns:  # ... or before ARC overrides
+            conn.execute("ALTER TABLE dmarc_history ADD COLUMN override_comment TEXT "
+                         "NOT NULL DEFAULT ''")
         conn.execute(_UID_INDEX)
         conn.commit()
         return conn
@@ -522,6 +531,8 @@ class PostgresHistory(BatchedHistory):
                 if statement.strip():
                     cur.execute(statement)
             cur.execute("ALTER TABLE dmarc_history ADD COLUMN IF NOT EXISTS uid TEXT")
+            cur.execute("ALTER TABLE dmarc_history ADD COLUMN IF NOT EXISTS override_comment "
+                        "TEXT NOT NULL DEFAULT ''")
             cur.execute(_UID_INDEX)
         conn.commit()
         return conn

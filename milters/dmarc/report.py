@@ -76,7 +76,8 @@ def _sub(parent: ET.Element, tag: str, text: str | int | None = None) -> ET.Elem
 
 def _row_key(e: HistoryEntry) -> tuple[object, ...]:
     return (e.source_ip, e.header_from, e.envelope_from, e.dkim, e.spf_domain, e.spf_result,
-            e.result, e.dkim_aligned, e.spf_aligned, e.disposition, e.policy, e.override)
+            e.result, e.dkim_aligned, e.spf_aligned, e.disposition, e.policy, e.override,
+            e.override_comment)
 
 
 def _evaluated_disposition(e: HistoryEntry) -> str:
@@ -143,6 +144,8 @@ def build_report(domain: str, entries: Sequence[HistoryEntry], begin: int, end: 
         if e.override:
             reason = _sub(pe, q + "reason")
             _sub(reason, q + "type", e.override)
+            if e.override_comment:
+                _sub(reason, q + "comment", e.override_comment)
         ids = _sub(rec, q + "identifiers")
         _sub(ids, q + "header_from", e.header_from)
         if e.envelope_from:

@@ -52,8 +52,17 @@ class DmarcSettings(FilterSettings):
         "are also used; our own [global] authserv_id is always trusted (only our "
         "upstream filters can write it)",
     )
+    trusted_arc_sealers: tuple[str, ...] = setting(
+        (),
+        "ARC sealers (ARC-Seal d=; domain, or .domain for its sub-domains) trusted to "
+        "report DMARC: a failure whose ARC chain passes, sealed by these only, with "
+        "dmarc=pass for the From domain in the oldest ARC-Authentication-Results, gets "
+        "disposition none, recorded as trusted_forwarder (needs [dkim] arc_verify, or "
+        "self_validate)",
+    )
     self_validate: bool = setting(
-        True, "verify DKIM and evaluate SPF here when no trusted result is present"
+        True, "verify DKIM, evaluate SPF (and validate ARC, for trusted_arc_sealers) here "
+        "when no trusted result is present"
     )
     reject_failures: bool = setting(
         False, "refuse mail whose DMARC policy says reject (OpenDMARC's RejectFailures)"

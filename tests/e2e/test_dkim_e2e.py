@@ -104,4 +104,4 @@ def test_inbound_mail_gets_results(postfix: PostfixInstance, dkim_milter: Runnin
                for m in delivered}
     assert re.findall(r"dkim=(\w+)", results["first hop"]) == ["pass", "pass"]
     assert "header.d=sender.example" in results["first hop"]
-    assert results["plain"] == "mx.test.example; dkim=none"
+    assert results["plain"] == "mx.test.example; dkim=none; arc=none"

@@ -22,7 +22,7 @@ from milters.core.envelope import Envelope
 from milters.core.verdict import EditKind
 from milters.dkim import DkimFilter, DkimSettings
 from milters.dkim.keytools import genkey
-from tests.support.dkim import env_for, outgoing, transaction
+from tests.support.dkim import dkim_results, env_for, outgoing, transaction
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ProcessFactory, free_port
 
@@ -145,7 +145,7 @@ def test_opendkim_signatures_verify_in_ours(opendkim: StartOpenDKIM, dns: Loopba
     if key == "ed" and canon.startswith("simple"):
         request.applymarker(_OPENDKIM_ED_SIMPLE)
     signed = opendkim_sign(opendkim(canon, key), MESSAGE)
-    results = our_filter(dns, keydir, canon).check(transaction(signed)).results
+    results = dkim_results(our_filter(dns, keydir, canon).check(transaction(signed)))
     assert [r.result for r in results] == ["pass"], results
     props = {n: v for _, n, v in results[0].properties}
     assert props["a"] == ("ed25519-sha256" if key == "ed" else "rsa-sha256")
@@ -157,4 +157,4 @@ def test_tampered_message_fails_in_both(opendkim: StartOpenDKIM, dns: LoopbackDN
     signed = outgoing(MESSAGE, ours.check(transaction(MESSAGE, client="127.0.0.1")))
     tampered = signed.replace(b"Hello  world", b"Hello  there")
     assert {r for r, _ in opendkim_results(opendkim(), tampered)} == {"fail"}
-    assert {r.result for r in ours.check(transaction(tampered)).results} == {"fail"}
+    assert {r.result for r in dkim_results(ours.check(transaction(tampered)))} == {"fail"}

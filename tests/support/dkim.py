@@ -6,7 +6,7 @@ from __future__ import annotations
 from milters.core.config import DnsSettings, GlobalSettings
 from milters.core.filter import Env
 from milters.core.model import Connection, Header, Transaction, parse_message
-from milters.core.verdict import EditKind, HeaderEdit, Verdict
+from milters.core.verdict import AuthResult, EditKind, HeaderEdit, Verdict
 from tests.support.dns import LoopbackDNS
 
 
@@ -59,3 +59,8 @@ def outgoing(raw: bytes, verdict: Verdict | list[HeaderEdit]) -> bytes:
     if isinstance(verdict, Verdict) and verdict.replace_body is not None:
         body = verdict.replace_body
     return b"".join(out) + b"\r\n" + body
+
+
+def dkim_results(verdict: Verdict) -> list[AuthResult]:
+    """The dkim= results of a verdict, without the arc= result beside them."""
+    return [r for r in verdict.results if r.method == "dkim"]

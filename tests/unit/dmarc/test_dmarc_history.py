@@ -239,3 +239,27 @@ def test_an_unwritable_journal_still_records(tmp_path: Path) -> None:
     store.record(ENTRY)
     assert store.entries(0, 10**9) == [ENTRY]
     store.close()
+
+
+def test_a_history_from_before_arc_overrides_is_migrated(tmp_path: Path) -> None:
+    """override_comment came with trusted ARC sealers: an older file gets the column,
+    and an older journal line (one column fewer) is still replayed."""
+    import json
+    import sqlite3
+
+    from milters.dmarc.history import _SCHEMA, _to_row
+    db = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(db)
+    conn.executescript(_SCHEMA.replace(", override_comment TEXT NOT NULL DEFAULT ''", ""))
+    conn.close()
+    journal = tmp_path / "j"
+    journal.mkdir()
+    old_row = [*_to_row(replace(ENTRY, time=7))[:-1], "0123abcd"]  # no override_comment
+    (journal / "1.1.1.jnl").write_bytes(json.dumps(old_row).encode() + b"\n")
+    store = SqliteHistory(str(db), journal=str(journal))
+    forwarded = replace(ENTRY, time=8, override="trusted_forwarder",
+                        override_comment="arc=pass as[1].d=lists.example")
+    store.record(forwarded)
+    assert sorted(store.entries(0, 10**9), key=lambda e: e.time) == [
+        replace(ENTRY, time=7), forwarded]
+    store.close()
