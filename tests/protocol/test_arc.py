@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from milters import client
+from milters.client.edits import apply_header_edits, parse_message
+from milters.client.probe import ProbeResult, probe
+from milters.core.envelope import Envelope
 from tests.support.arc import Sealer, chain
 from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import ProcessFactory, free_port, others_disabled
@@ -49,13 +51,13 @@ def dkim_spec(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield f"inet:{port}@127.0.0.1"
 
 
-def inbound(spec: str, raw: bytes) -> client.ProbeResult:
-    env = client.Envelope(client_ip="198.51.100.7", client_name="mx.lists.example",
+def inbound(spec: str, raw: bytes) -> ProbeResult:
+    env = Envelope(client_ip="198.51.100.7", client_name="mx.lists.example",
                           mail_from="list-bounces@lists.example", rcpt_to=["bob@test.example"])
-    return client.probe(spec, raw, env, timeout=30)
+    return probe(spec, raw, env, timeout=30)
 
 
-def arc_result(r: client.ProbeResult) -> str:
+def arc_result(r: ProbeResult) -> str:
     text = " ".join(" ".join(e.value.split()) for e in r.header_edits
                     if e.name == "Authentication-Results")
     m = re.search(r"arc=\S+[^;]*", text)
@@ -127,10 +129,10 @@ def chain_spec(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory
         yield f"inet:{port}@127.0.0.1", d
 
 
-def delivered(raw: bytes, r: client.ProbeResult) -> bytes:
+def delivered(raw: bytes, r: ProbeResult) -> bytes:
     """The message as Postfix would store (and forward) it after the chain's edits."""
-    headers, body = client.parse_message(raw)
-    edited = client.apply_header_edits(headers, r.header_edits,
+    headers, body = parse_message(raw)
+    edited = apply_header_edits(headers, r.header_edits,
                                        leading_space=r.negotiated.leading_space)
     return b"".join(n.encode() + b":" + v.replace(b"\n", b"\r\n") + b"\r\n"
                     for n, v in edited) + b"\r\n" + body
