@@ -71,13 +71,14 @@ def _signed_corpus(d: Path, messages: list[bytes], ed25519: bool) -> list[bytes]
     return [outgoing(raw, flt.check(transaction(raw, client="127.0.0.1"))) for raw in messages]
 
 
-def _start_ours(factory: ProcessFactory, d: Path, dns_toml: str, workers: int
-                ) -> tuple[str, ManagedProcess]:
+def _start_ours(factory: ProcessFactory, d: Path, dns_toml: str, workers: int,
+                arc: bool = True) -> tuple[str, ManagedProcess]:
     port = free_port()
     spec = common.spec_for(port)
-    config = d / "milters.toml"
+    config = d / f"milters{'' if arc else '-noarc'}.toml"
     config.write_text(f'[global]\nauthserv_id = "mx.bench.example"\n{dns_toml}\n'
                       f'[dkim]\nsocket = "{spec}"\nworkers = {workers}\n'
+                      f"arc_verify = {str(arc).lower()}\n"
                       f'key_table = "{d}/KeyTable"\nsigning_table = "{d}/SigningTable"\n'
                       # dkim alone: it signs in its own socket (no dkim-sign step).
                       + "".join(f"[{n}]\nenabled = false\n"
@@ -195,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodelay", action="store_true",
                     help="client socket with TCP_NODELAY (avoids the client-side stall "
                          "that C milters pay, for a like-for-like comparison with them)")
+    ap.add_argument("--arc-compare", action="store_true",
+                    help="also run ours with arc_verify = false (ARC verification's cost)")
     args = ap.parse_args(argv)
 
     d = Path(tempfile.mkdtemp(prefix="dkim-bench-"))
@@ -222,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
             ours = _start_ours(factory, d, dns.toml(), args.workers)
             peers: list[tuple[str, dict[str, tuple[str, ManagedProcess]]]] = [
                 ("milters", {"sign": ours, "verify": ours})]
+            if args.arc_compare:
+                noarc = _start_ours(factory, d, dns.toml(), args.workers, arc=False)
+                peers.append(("milters-noarc", {"sign": noarc, "verify": noarc}))
             if args.opendkim and shutil.which("opendkim"):
                 od = _start_opendkim(factory, d, records)
                 peers.append(("opendkim", {"sign": od, "verify": od}))
