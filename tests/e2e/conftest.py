@@ -1,6 +1,7 @@
 """Fixtures for the end-to-end tier: one private Postfix per session, filters as
 subprocesses on free loopback ports.
 
+    dns              the suite's loopback DNS with its zones (tests/e2e/suite.py), per module
     postfix          the session's PostfixInstance, reset for this test (empty Maildir
                      and queue, no milters unless the test sets them, log marked)
     milter_process   factory: milter_process(argv, port) -> ManagedProcess, listening
@@ -33,7 +34,7 @@ from tests.e2e.filters import (
     StartFilter,
 )
 from tests.e2e.postfix import PostfixInstance, unavailable_reason
-from tests.e2e.suite import factory, keys, workdir  # noqa: F401  (the suite tests' fixtures)
+from tests.e2e.suite import factory, keys, suite_dns, workdir  # noqa: F401  (the suite tests' fixtures)
 from tests.support.processes import (
     ManagedProcess,
     ProcessFactory,

@@ -24,7 +24,7 @@ import pytest
 
 from milters.dkim.keytools import genkey
 from tests.e2e.postfix import DISCONNECTED, PostfixInstance, SendResult
-from tests.support.dns import LoopbackDNS
+from tests.support.dns import LoopbackDNS, dns_server
 from tests.support.processes import (
     READY_TIMEOUT,
     ManagedProcess,
@@ -159,6 +159,15 @@ def workdir(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 @pytest.fixture(scope="module")
 def keys(workdir: Path) -> Keys:
     return make_keys(workdir)
+
+
+@pytest.fixture(scope="module", name="dns")
+def suite_dns(keys: Keys) -> Iterator[LoopbackDNS]:
+    """The loopback DNS server with the suite's zones (`publish`); a module that
+    needs other zones defines its own `dns` fixture, which takes precedence."""
+    with dns_server() as server:
+        publish(server, keys)
+        yield server
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,11 +45,10 @@ from tests.e2e.suite import (
     Suite,
     dkim_sign,
     message,
-    publish,
     start_suite,
 )
 from tests.support.clamd import Clamd, eicar_zip
-from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.dns import LoopbackDNS
 from tests.support.processes import ProcessFactory, wait_until
 
 pytest_plugins = ("tests.support.clamd_plugin",)
@@ -150,13 +148,6 @@ def corpus(keydir: Path) -> list[Sent]:
                                   f"From: alice@{domain}".encode())
         out.append(Sent(f"virus-{where}", f"bounce@{domain}", raw, OUTSIDE))
     return out
-
-
-@pytest.fixture(scope="module")
-def dns(keys: Keys) -> Iterator[LoopbackDNS]:
-    with dns_server() as server:
-        publish(server, keys)
-        yield server
 
 
 @pytest.fixture(scope="module")

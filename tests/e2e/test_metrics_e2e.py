@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,10 +32,9 @@ from tests.e2e.suite import (
     config_text,
     dkim_sign,
     message,
-    publish,
 )
 from tests.support.clamd import Clamd, eicar_zip
-from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.dns import LoopbackDNS
 from tests.support.processes import ProcessFactory, wait_until
 
 pytest_plugins = ("tests.support.clamd_plugin",)
@@ -69,13 +67,6 @@ def five_free_ports(taken: set[int]) -> int:
                     break
         if ok:
             return base
-
-
-@pytest.fixture(scope="module")
-def dns(keys: Keys) -> Iterator[LoopbackDNS]:
-    with dns_server() as server:
-        publish(server, keys)
-        yield server
 
 
 @pytest.fixture(scope="module")

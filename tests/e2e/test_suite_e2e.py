@@ -41,24 +41,16 @@ from tests.e2e.suite import (
     ar_text,
     dkim_sign,
     message,
-    publish,
     start_suite,
 )
 from tests.support.clamd import Clamd, eicar_zip
-from tests.support.dns import LoopbackDNS, dns_server
+from tests.support.dns import LoopbackDNS
 from tests.support.processes import ProcessFactory, free_port
 
 pytest_plugins = ("tests.support.clamd_plugin",)
 
 ALIGNED_CLIENT = {"ADDR": ALIGNED_IP, "NAME": ALIGNED_HELO, "HELO": ALIGNED_HELO}
 OUTSIDE = {"ADDR": OUTSIDE_IP, "NAME": "mx.outside.example", "HELO": "mx.outside.example"}
-
-
-@pytest.fixture(scope="module")
-def dns(keys: Keys) -> Iterator[LoopbackDNS]:
-    with dns_server() as server:
-        publish(server, keys)
-        yield server
 
 
 @pytest.fixture(scope="module", params=DEPLOYMENTS)
