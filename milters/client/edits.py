@@ -54,6 +54,16 @@ def apply_header_edits(
     return [(h.name, h.value) for h in header.visible()]
 
 
+def edited_message(message: bytes, edits: Iterable[Modification], *,
+                   leading_space: bool = False) -> bytes:
+    """`message` with the header modifications applied (apply_header_edits), as the
+    wire bytes Postfix would store and forward: what a verifier downstream reads."""
+    headers, body = parse_message(message)
+    edited = apply_header_edits(headers, edits, leading_space=leading_space)
+    return b"".join(n.encode() + b":" + v.replace(b"\n", b"\r\n") + b"\r\n"
+                    for n, v in edited) + b"\r\n" + body
+
+
 def _op(edit: HeaderEdit, leading_space: bool) -> HeaderOp:
     value = edit.value if leading_space else " " + edit.value
     if edit.kind is EditKind.INSERT:

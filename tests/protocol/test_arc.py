@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from milters.client.edits import apply_header_edits, parse_message
+from milters.client.edits import edited_message
 from milters.client.probe import ProbeResult, probe
 from milters.core.envelope import Envelope
 from tests.support.arc import Sealer, chain
@@ -131,11 +131,7 @@ def chain_spec(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory
 
 def delivered(raw: bytes, r: ProbeResult) -> bytes:
     """The message as Postfix would store (and forward) it after the chain's edits."""
-    headers, body = parse_message(raw)
-    edited = apply_header_edits(headers, r.header_edits,
-                                       leading_space=r.negotiated.leading_space)
-    return b"".join(n.encode() + b":" + v.replace(b"\n", b"\r\n") + b"\r\n"
-                    for n, v in edited) + b"\r\n" + body
+    return edited_message(raw, r.header_edits, leading_space=r.negotiated.leading_space)
 
 
 def dnsfunc(dns: LoopbackDNS) -> Callable[..., bytes | None]:

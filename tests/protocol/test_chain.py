@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from milters.client.edits import apply_header_edits, parse_message
+from milters.client.edits import edited_message
 from milters.client.probe import ProbeResult, probe
 from milters.core.envelope import Envelope
 from milters.dkim.keytools import genkey
@@ -87,11 +87,7 @@ def send(spec: str, raw: bytes, sender: str, auth: str = "") -> ProbeResult:
 
 def delivered(raw: bytes, r: ProbeResult) -> bytes:
     """The message as Postfix would store it after the chain's edits."""
-    headers, body = parse_message(raw)
-    edited = apply_header_edits(headers, r.header_edits,
-                                leading_space=r.negotiated.leading_space)
-    return b"".join(n.encode() + b":" + v.replace(b"\n", b"\r\n") + b"\r\n"
-                    for n, v in edited) + b"\r\n" + body
+    return edited_message(raw, r.header_edits, leading_space=r.negotiated.leading_space)
 
 
 def results(r: ProbeResult) -> str:
