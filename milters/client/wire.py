@@ -18,48 +18,133 @@ from dataclasses import dataclass, field
 
 from milters.client.errors import ProtocolError
 from milters.client.replies import Action, Modification, RecipientChange, SenderChange
+from milters.core.protocol import (  # the constants both sides share, re-exported
+    PROTOCOL_VERSION as PROTOCOL_VERSION,
+)
+from milters.core.protocol import (
+    SMFIA_INET as SMFIA_INET,
+)
+from milters.core.protocol import (
+    SMFIA_INET6 as SMFIA_INET6,
+)
+from milters.core.protocol import (
+    SMFIA_UNIX as SMFIA_UNIX,
+)
+from milters.core.protocol import (
+    SMFIA_UNKNOWN as SMFIA_UNKNOWN,
+)
+from milters.core.protocol import (
+    SMFIC_ABORT as SMFIC_ABORT,
+)
+from milters.core.protocol import (
+    SMFIC_BODY as SMFIC_BODY,
+)
+from milters.core.protocol import (
+    SMFIC_BODYEOB as SMFIC_BODYEOB,
+)
+from milters.core.protocol import (
+    SMFIC_CONNECT as SMFIC_CONNECT,
+)
+from milters.core.protocol import (
+    SMFIC_DATA as SMFIC_DATA,
+)
+from milters.core.protocol import (
+    SMFIC_EOH as SMFIC_EOH,
+)
+from milters.core.protocol import (
+    SMFIC_HEADER as SMFIC_HEADER,
+)
+from milters.core.protocol import (
+    SMFIC_HELO as SMFIC_HELO,
+)
+from milters.core.protocol import (
+    SMFIC_MACRO as SMFIC_MACRO,
+)
+from milters.core.protocol import (
+    SMFIC_MAIL as SMFIC_MAIL,
+)
+from milters.core.protocol import (
+    SMFIC_OPTNEG as SMFIC_OPTNEG,
+)
+from milters.core.protocol import (
+    SMFIC_QUIT as SMFIC_QUIT,
+)
+from milters.core.protocol import (
+    SMFIC_QUIT_NC as SMFIC_QUIT_NC,
+)
+from milters.core.protocol import (
+    SMFIC_RCPT as SMFIC_RCPT,
+)
+from milters.core.protocol import (
+    SMFIC_UNKNOWN as SMFIC_UNKNOWN,
+)
+from milters.core.protocol import (
+    SMFIR_ACCEPT as SMFIR_ACCEPT,
+)
+from milters.core.protocol import (
+    SMFIR_ADDHEADER as SMFIR_ADDHEADER,
+)
+from milters.core.protocol import (
+    SMFIR_ADDRCPT as SMFIR_ADDRCPT,
+)
+from milters.core.protocol import (
+    SMFIR_ADDRCPT_PAR as SMFIR_ADDRCPT_PAR,
+)
+from milters.core.protocol import (
+    SMFIR_CHGFROM as SMFIR_CHGFROM,
+)
+from milters.core.protocol import (
+    SMFIR_CHGHEADER as SMFIR_CHGHEADER,
+)
+from milters.core.protocol import (
+    SMFIR_CONN_FAIL as SMFIR_CONN_FAIL,
+)
+from milters.core.protocol import (
+    SMFIR_CONTINUE as SMFIR_CONTINUE,
+)
+from milters.core.protocol import (
+    SMFIR_DELRCPT as SMFIR_DELRCPT,
+)
+from milters.core.protocol import (
+    SMFIR_DISCARD as SMFIR_DISCARD,
+)
+from milters.core.protocol import (
+    SMFIR_INSHEADER as SMFIR_INSHEADER,
+)
+from milters.core.protocol import (
+    SMFIR_PROGRESS as SMFIR_PROGRESS,
+)
+from milters.core.protocol import (
+    SMFIR_QUARANTINE as SMFIR_QUARANTINE,
+)
+from milters.core.protocol import (
+    SMFIR_REJECT as SMFIR_REJECT,
+)
+from milters.core.protocol import (
+    SMFIR_REPLBODY as SMFIR_REPLBODY,
+)
+from milters.core.protocol import (
+    SMFIR_REPLYCODE as SMFIR_REPLYCODE,
+)
+from milters.core.protocol import (
+    SMFIR_SETSYMLIST as SMFIR_SETSYMLIST,
+)
+from milters.core.protocol import (
+    SMFIR_SHUTDOWN as SMFIR_SHUTDOWN,
+)
+from milters.core.protocol import (
+    SMFIR_SKIP as SMFIR_SKIP,
+)
+from milters.core.protocol import (
+    SMFIR_TEMPFAIL as SMFIR_TEMPFAIL,
+)
+from milters.core.protocol import (
+    ActionFlag as ActionFlag,
+)
+from milters.core.protocol import (
+    ProtocolFlag as ProtocolFlag,
+)
 from milters.core.verdict import EditKind, HeaderEdit
-
-PROTOCOL_VERSION = 6
-
-# Commands, MTA to milter.
-SMFIC_ABORT = b"A"
-SMFIC_BODY = b"B"
-SMFIC_CONNECT = b"C"
-SMFIC_MACRO = b"D"
-SMFIC_BODYEOB = b"E"
-SMFIC_HELO = b"H"
-SMFIC_QUIT_NC = b"K"
-SMFIC_HEADER = b"L"
-SMFIC_MAIL = b"M"
-SMFIC_EOH = b"N"
-SMFIC_OPTNEG = b"O"
-SMFIC_QUIT = b"Q"
-SMFIC_RCPT = b"R"
-SMFIC_DATA = b"T"
-SMFIC_UNKNOWN = b"U"
-
-# Replies, milter to MTA.
-SMFIR_ADDRCPT = b"+"
-SMFIR_DELRCPT = b"-"
-SMFIR_ADDRCPT_PAR = b"2"
-SMFIR_SHUTDOWN = b"4"
-SMFIR_ACCEPT = b"a"
-SMFIR_REPLBODY = b"b"
-SMFIR_CONTINUE = b"c"
-SMFIR_DISCARD = b"d"
-SMFIR_CHGFROM = b"e"
-SMFIR_CONN_FAIL = b"f"
-SMFIR_ADDHEADER = b"h"
-SMFIR_INSHEADER = b"i"
-SMFIR_SETSYMLIST = b"l"
-SMFIR_CHGHEADER = b"m"
-SMFIR_PROGRESS = b"p"
-SMFIR_QUARANTINE = b"q"
-SMFIR_REJECT = b"r"
-SMFIR_SKIP = b"s"
-SMFIR_TEMPFAIL = b"t"
-SMFIR_REPLYCODE = b"y"
 
 REPLY_NAMES = types.MappingProxyType({
     SMFIR_ADDRCPT: "ADDRCPT",
@@ -98,55 +183,6 @@ MOD_REPLIES = frozenset(
         SMFIR_REPLBODY,
     }
 )
-
-# Connect families (SMFIA_*).
-SMFIA_UNKNOWN = b"U"
-SMFIA_UNIX = b"L"
-SMFIA_INET = b"4"
-SMFIA_INET6 = b"6"
-
-
-class ActionFlag(enum.IntFlag):
-    """SMFIF_*: what the milter may do at end of message."""
-
-    ADDHDRS = 0x01
-    CHGBODY = 0x02
-    ADDRCPT = 0x04
-    DELRCPT = 0x08
-    CHGHDRS = 0x10
-    QUARANTINE = 0x20
-    CHGFROM = 0x40
-    ADDRCPT_PAR = 0x80
-    SETSYMLIST = 0x100
-
-
-class ProtocolFlag(enum.IntFlag):
-    """SMFIP_*: steps the milter does not want (NO*), replies it won't send (NR_*)."""
-
-    NOCONNECT = 0x1
-    NOHELO = 0x2
-    NOMAIL = 0x4
-    NORCPT = 0x8
-    NOBODY = 0x10
-    NOHDRS = 0x20
-    NOEOH = 0x40
-    NR_HDR = 0x80
-    NOUNKNOWN = 0x100
-    NODATA = 0x200
-    SKIP = 0x400
-    RCPT_REJ = 0x800
-    NR_CONN = 0x1000
-    NR_HELO = 0x2000
-    NR_MAIL = 0x4000
-    NR_RCPT = 0x8000
-    NR_DATA = 0x10000
-    NR_UNKN = 0x20000
-    NR_EOH = 0x40000
-    NR_BODY = 0x80000
-    HDR_LEADSPC = 0x100000
-    MDS_256K = 0x10000000
-    MDS_1M = 0x20000000
-
 
 ALL_ACTIONS = ActionFlag(0x1FF)
 # milter8.c MILTER8_V6_PROTO_MASK: every NO* and NR_* bit, SKIP, RCPT_REJ and

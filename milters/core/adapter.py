@@ -23,9 +23,10 @@ from typing import Any
 import Milter
 import milter
 
+from milters.core import protocol
 from milters.core.chain import ChainFilter, ChainPipeline
 from milters.core.filter import Stage
-from milters.core.macroreader import LayoutError, MacroReader, Macros
+from milters.core.macroreader import LayoutError, MacroReader, Macros, MacroSource
 from milters.core.macros import CONNECT_MACROS, EOM_MACROS, MAIL_MACROS
 from milters.core.model import Connection, Header, Transaction, unbracket
 from milters.core.pipeline import Pipeline
@@ -44,6 +45,20 @@ _MILTER_RESULT = types.MappingProxyType({
     Action.REJECT: Milter.REJECT,
     Action.TEMPFAIL: Milter.TEMPFAIL,
     Action.DISCARD: Milter.DISCARD,
+})
+
+# The callbacks' return codes as protocol replies, for the Python core
+# (core/pyserver.py), which drives these same Session classes without pymilter's C.
+CONTINUE = int(Milter.CONTINUE)
+NOREPLY = int(Milter.NOREPLY)  # a @noreply callback's code: nothing is sent
+REFUSALS = frozenset({int(Milter.REJECT), int(Milter.TEMPFAIL)})  # may carry a reply code
+CODE_REPLIES = types.MappingProxyType({
+    int(Milter.CONTINUE): protocol.SMFIR_CONTINUE,
+    int(Milter.REJECT): protocol.SMFIR_REJECT,
+    int(Milter.ACCEPT): protocol.SMFIR_ACCEPT,
+    int(Milter.DISCARD): protocol.SMFIR_DISCARD,
+    int(Milter.TEMPFAIL): protocol.SMFIR_TEMPFAIL,
+    int(Milter.SKIP): protocol.SMFIR_SKIP,
 })
 
 # Named replies for what the adapter itself refuses (never exception text).
@@ -66,7 +81,7 @@ class Session(Milter.Base):  # type: ignore[misc]
     pipeline_class: type[Pipeline]  # ChainPipeline for the chain's one socket
     sessions: SessionCounter
     actions: int  # action_flags(runtime), once per class, not per connection
-    macro_reader: MacroReader
+    macro_reader: MacroSource
     max_connections: int
     # pymilter gives every connection its own Python thread state (miltermodule.c
     # _get_context), and threading.local lives in the thread state: so this is
@@ -356,7 +371,7 @@ def _wire(text: str) -> str:
     return text
 
 
-def adapter_class(runtime: Runtime, sessions: SessionCounter, macro_reader: MacroReader,
+def adapter_class(runtime: Runtime, sessions: SessionCounter, macro_reader: MacroSource,
                   max_connections: int) -> type[Session]:
     """A Session subclass with exactly the callbacks this filter needs."""
     needed = runtime.needed

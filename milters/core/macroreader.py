@@ -43,6 +43,7 @@ import ctypes
 import os
 import struct
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 # pymilter's milter_ContextObject: PyObject_HEAD (refcount, type) then SMFICTX *ctx.
 PYMILTER_CTX_OFFSET = 16
@@ -92,6 +93,15 @@ def context_pointer(ctx_object: object) -> int:
     """The SMFICTX* inside a pymilter context object (read from the live Python
     object, whose layout is fixed by pymilter's miltermodule.c)."""
     return int(ctypes.c_void_p.from_address(id(ctx_object) + PYMILTER_CTX_OFFSET).value or 0)
+
+
+class MacroSource(Protocol):
+    """Where the adapter reads an MTA connection's macros and its libmilter state:
+    MacroReader for libmilter's contexts, core/pyserver.py's for its own."""
+
+    def read(self, ctx_object: Any) -> Macros: ...
+
+    def state(self, ctx_object: Any) -> int: ...
 
 
 class MacroReader:

@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from milters.core import metrics
+from milters.core import metrics, pyserver
 from milters.core.adapter import LibmilterError, open_socket, serve_forever
 from milters.core.config import Config
 from milters.core.errors import ConfigError, MiltersError
@@ -193,7 +193,10 @@ def _worker(runtime: Runtime, listen_fd: int, max_connections: int, open_files: 
     ).start()
     status = 0
     try:
-        serve_forever(runtime, sessions, max_connections)
+        if runtime.config.global_.milter_core == "python":
+            pyserver.serve_forever(runtime, sessions, max_connections, listen_fd)
+        else:
+            serve_forever(runtime, sessions, max_connections)
     except LibmilterError as exc:
         log.error("filter %s: libmilter stopped: %s", runtime.filter.name, exc)
         status = 1
@@ -271,8 +274,9 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
     for line in runtime.filter.describe():
         log.info("filter %s: %s", name, line)
     log.info("filter %s: listening on %s (Postfix: %s) with %d worker(s), mode=%s, "
-             "max_connections=%d per worker, open-file limit %d", name, spec.libmilter,
-             spec.postfix, cfg.workers_of(name), runtime.policy.mode,
+             "milter core %s, max_connections=%d per worker, open-file limit %d", name,
+             spec.libmilter, spec.postfix, cfg.workers_of(name), runtime.policy.mode,
+             cfg.global_.milter_core,
              connection_limit(name, settings.max_connections, open_files, warn=True), open_files)
 
     current = [runtime]

@@ -97,7 +97,7 @@ def publish(dns: LoopbackDNS, keys: Keys) -> None:
 def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
                 ports: dict[str, int],
                 mode: str = "enforce", dns_timeout: float = 1.0, workers: int = 1,
-                clamd_timeout: float = 2.0, chain: bool = False) -> str:
+                clamd_timeout: float = 2.0, chain: bool = False, core: str = "libmilter") -> str:
     """The one TOML file for all five filters (and the chain's socket, used when
     `chain`: then one `milters run chain` serves them all in one dialogue)."""
     rules = directory / "header_checks"
@@ -108,7 +108,7 @@ def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
     sockets = {name: f'socket = "inet:{port}@127.0.0.1"\nworkers = {workers}\n'
                for name, port in ports.items()}
     return (
-        f'[global]\nauthserv_id = "{AUTHSERV_ID}"\nmode = "{mode}"\n'
+        f'[global]\nauthserv_id = "{AUTHSERV_ID}"\nmode = "{mode}"\nmilter_core = "{core}"\n'
         f"{dns.toml(timeout=dns_timeout)}\n"
         f'[dkim]\n{sockets["dkim"]}domain = ["{OURS}"]\nselector = "rsa"\n'
         f'sign_socket = "inet:{ports["dkim-sign"]}@127.0.0.1"\n'
@@ -189,16 +189,16 @@ def chain_ports() -> dict[str, int]:
 
 def start_suite(factory: ProcessFactory, directory: Path, keys: Keys, dns: LoopbackDNS,
                 clamd_tcp: str, mode: str = "enforce", serve: bool = False,
-                chain: bool = False, **options: float) -> Suite:
+                chain: bool = False, core: str = "libmilter", **options: float) -> Suite:
     """Start the chain with one config, as one process per step (`milters run`),
     one `milters serve`, or (`chain`) the one-dialogue chain socket; return once
     every port accepts."""
     directory.mkdir(parents=True, exist_ok=True)
     ports = chain_ports()
     how = "serve" if serve else "run"
-    config_path = directory / f"milters-{mode}-{how}{'-chain' if chain else ''}.toml"
+    config_path = directory / f"milters-{mode}-{how}{'-chain' if chain else ''}-{core}.toml"
     text = config_text(directory, keys.directory / OURS, dns, clamd_tcp, ports, mode=mode,
-                       chain=chain, **options)
+                       chain=chain, core=core, **options)
     config_path.write_text(text)
     base = [sys.executable, "-m", "milters"]
     units = ("chain",) if chain else CHAIN

@@ -2,9 +2,10 @@
 
 One corpus of messages (signed and unsigned, forged Authentication-Results, p=reject
 and p=quarantine domains, SPF fail, viruses, checks REJECT and REPLACE, submitted
-mail that we sign) goes through real Postfix twice: in front of the five filters and
-the signing step on their own sockets, and in front of chain mode (one `milters run
-chain` socket). The SMTP answers, what was delivered or held and the delivered bytes
+mail that we sign) goes through real Postfix three times: in front of the five
+filters and the signing step on their own sockets, in front of chain mode (one
+`milters run chain` socket), and in front of chain mode served by the Python milter
+core instead of libmilter. The SMTP answers, what was delivered or held and the delivered bytes
 must be the same, ignoring what differs by time alone (Postfix's Received field with
 its queue id, the signature's t= and therefore b=).
 
@@ -155,7 +156,10 @@ def deployments(factory: ProcessFactory, workdir: Path, dns: LoopbackDNS, clamd:
                 keys: Keys) -> dict[str, Suite]:
     return {"sockets": start_suite(factory, workdir / "sockets", keys, dns, clamd.tcp),
             "chain": start_suite(factory, workdir / "chain", keys, dns, clamd.tcp,
-                                 chain=True)}
+                                 chain=True),
+            # The same chain served by the Python milter core (core/pyserver.py).
+            "python": start_suite(factory, workdir / "python", keys, dns, clamd.tcp,
+                                  chain=True, core="python")}
 
 
 def _answer(result: SendResult) -> str:
@@ -266,9 +270,12 @@ def test_the_corpus_covers_every_scenario(sent: list[Sent],
     assert states.count("refused") >= 20
 
 
+@pytest.mark.parametrize("other", ["chain", "python"])
 def test_both_deployments_answer_and_deliver_the_same(
-        results: dict[str, dict[str, Outcome]]) -> None:
-    sockets, chain = results["sockets"], results["chain"]
+        results: dict[str, dict[str, Outcome]], other: str) -> None:
+    """Five sockets against chain mode, and against chain mode served by the
+    Python milter core (`milter_core = "python"`)."""
+    sockets, chain = results["sockets"], results[other]
     assert sockets.keys() == chain.keys()
     for name in sockets:
         a, b = sockets[name], chain[name]

@@ -27,10 +27,18 @@ SCRIPTED = Path(__file__).parent / "filters" / "scripted.py"
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_scripted(factory: ProcessFactory, *args: str) -> ManagedProcess:
+def start_scripted(factory: ProcessFactory, *args: str, core: str = "libmilter"
+                   ) -> ManagedProcess:
     port = free_port()
-    env = {"PYTHONPATH": str(ROOT)}
+    env = {"PYTHONPATH": str(ROOT), "SCRIPTED_MILTER_CORE": core}
     return factory.start([sys.executable, str(SCRIPTED), str(port), *args], port, env=env)
+
+
+@pytest.fixture(scope="module", params=["libmilter", "python"])
+def core(request: pytest.FixtureRequest) -> str:
+    """Every test runs under both milter cores: libmilter (pymilter) and our own
+    protocol loop (core/pyserver.py), which drive the same adapter."""
+    return str(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +48,8 @@ def processes() -> Iterator[ProcessFactory]:
 
 
 @pytest.fixture(scope="module")
-def enforce(processes: ProcessFactory) -> str:
-    return f"inet:{start_scripted(processes).port}@127.0.0.1"
+def enforce(processes: ProcessFactory, core: str) -> str:
+    return f"inet:{start_scripted(processes, core=core).port}@127.0.0.1"
 
 
 def message(action: str, extra: bytes = b"") -> bytes:
@@ -127,13 +135,13 @@ def test_error_in_filter_gives_tempfail_and_keeps_serving(enforce: str) -> None:
     assert run(enforce, "none").verdict == "accept"
 
 
-def test_on_error_accept(processes: ProcessFactory) -> None:
-    spec = f"inet:{start_scripted(processes, 'enforce', 'accept').port}@127.0.0.1"
+def test_on_error_accept(processes: ProcessFactory, core: str) -> None:
+    spec = f"inet:{start_scripted(processes, 'enforce', 'accept', core=core).port}@127.0.0.1"
     assert run(spec, "raise").verdict == "accept"
 
 
-def test_report_mode_tags_and_changes_nothing(processes: ProcessFactory) -> None:
-    spec = f"inet:{start_scripted(processes, 'report').port}@127.0.0.1"
+def test_report_mode_tags_and_changes_nothing(processes: ProcessFactory, core: str) -> None:
+    spec = f"inet:{start_scripted(processes, 'report', core=core).port}@127.0.0.1"
     r = run(spec, "reject", rcpt_to=["reject-me@example.com", "u@example.com"])
     assert r.verdict == "accept" and not r.rejected_recipients
     report = [e for e in r.header_edits if e.name == "X-Milters-Report"]
@@ -177,8 +185,8 @@ def test_client_vanishing_mid_message_does_not_hurt(enforce: str) -> None:
     assert run(enforce, "none").verdict == "accept"
 
 
-def test_prefork_workers_share_the_socket(processes: ProcessFactory) -> None:
-    proc = start_scripted(processes, "enforce", "tempfail", "2")
+def test_prefork_workers_share_the_socket(processes: ProcessFactory, core: str) -> None:
+    proc = start_scripted(processes, "enforce", "tempfail", "2", core=core)
     spec = f"inet:{proc.port}@127.0.0.1"
     children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
     assert wait_until(lambda: len(children.read_text().split()) == 2, 10)
@@ -193,8 +201,9 @@ def test_prefork_workers_share_the_socket(processes: ProcessFactory) -> None:
     assert "died: killed by SIGKILL" in proc.output()
 
 
-def test_sigterm_drains_open_session(processes: ProcessFactory) -> None:
-    proc = start_scripted(processes)
+def test_sigterm_drains_open_session(processes: ProcessFactory, core: str) -> None:
+    proc = start_scripted(processes, core=core)
+    assert f"milter core {core}," in proc.output()
     spec = f"inet:{proc.port}@127.0.0.1"
     s = MilterSession(spec, timeout=30)
     s.open()

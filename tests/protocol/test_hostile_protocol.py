@@ -73,10 +73,12 @@ def dns() -> Iterator[LoopbackDNS]:
         yield server
 
 
-@pytest.fixture(scope="module")
-def filters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory,
-            ) -> Iterator[dict[str, Running]]:
-    d = tmp_path_factory.mktemp("hostile")
+@pytest.fixture(scope="module", params=["libmilter", "python"])
+def filters(request: pytest.FixtureRequest, dns: LoopbackDNS,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Running]]:
+    """The filters under each milter core (`milter_core`): libmilter, and our own
+    protocol loop (core/pyserver.py), which must answer every case the same way."""
+    d = tmp_path_factory.mktemp(f"hostile-{request.param}")
     with ProcessFactory() as factory:
         running: dict[str, Running] = {}
         for name in FILTERS:
@@ -84,7 +86,8 @@ def filters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory,
             extra = f'history = "{d}/history.sqlite"\n' if name == "dmarc" else ""
             config = d / f"{name}.toml"
             config.write_text(
-                f'[global]\nauthserv_id = "{AUTHSERV}"\ninternal_networks = []\n{dns.toml()}'
+                f'[global]\nauthserv_id = "{AUTHSERV}"\ninternal_networks = []\n'
+                f'milter_core = "{request.param}"\n{dns.toml()}'
                 f'[{name}]\nsocket = "inet:{port}@127.0.0.1"\nworkers = 1\n'
                 f"timeout = {FILTER_TIMEOUT}\n{extra}"
             )
@@ -421,10 +424,10 @@ def worker_cpu_seconds(pid: int) -> float:
 
 
 def start_limited(tmp_path: Path, factory: ProcessFactory, extra: str,
-                  open_files: int | None = None) -> Running:
+                  open_files: int | None = None, core: str = "libmilter") -> Running:
     port = free_port()
     config = tmp_path / "limited.toml"
-    config.write_text(f'[global]\nauthserv_id = "{AUTHSERV}"\n'
+    config.write_text(f'[global]\nauthserv_id = "{AUTHSERV}"\nmilter_core = "{core}"\n'
                       f'[checks]\nsocket = "inet:{port}@127.0.0.1"\nworkers = 1\n{extra}')
     argv = [sys.executable, "-m", "milters", "run", "checks", "--config", str(config)]
     if open_files is not None:
@@ -435,9 +438,10 @@ def start_limited(tmp_path: Path, factory: ProcessFactory, extra: str,
     return Running("checks", proc, port, int(path.read_text().split()[0]))
 
 
-def test_connection_limit_answers_tempfail_and_logs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", ["libmilter", "python"])
+def test_connection_limit_answers_tempfail_and_logs(tmp_path: Path, core: str) -> None:
     with ProcessFactory() as factory:
-        f = start_limited(tmp_path, factory, "max_connections = 2\n")
+        f = start_limited(tmp_path, factory, "max_connections = 2\n", core=core)
         held = [MilterSession(f.spec, timeout=ANSWER_TIMEOUT) for _ in range(2)]
         for s in held:
             s.open()
@@ -455,13 +459,14 @@ def test_connection_limit_answers_tempfail_and_logs(tmp_path: Path) -> None:
         assert "Traceback" not in f.proc.output()
 
 
-def test_held_connections_do_not_make_the_listener_spin(tmp_path: Path) -> None:
+@pytest.mark.parametrize("core", ["libmilter", "python"])
+def test_held_connections_do_not_make_the_listener_spin(tmp_path: Path, core: str) -> None:
     """Connections accepted and never negotiated use up the open files; libmilter's
     accept() then failed with EMFILE in a busy loop. The worker stops accepting
     instead, and serves again when they close."""
     limit = 128
     with ProcessFactory() as factory:
-        f = start_limited(tmp_path, factory, "", open_files=limit)
+        f = start_limited(tmp_path, factory, "", open_files=limit, core=core)
         held = []
         for _ in range(limit + 40):
             held.append(socket.create_connection(("127.0.0.1", f.port), timeout=5))

@@ -7,6 +7,7 @@ exercise everything but a real filter's logic.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from typing import ClassVar
@@ -86,7 +87,8 @@ def main() -> int:
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
     cfg = build_config(
         {"global": {"authserv_id": "mx.test.example", "mode": mode, "on_error": on_error,
-                    "bypass_recipients": ["postmaster@"]},
+                    "bypass_recipients": ["postmaster@"],
+                    "milter_core": os.environ.get("SCRIPTED_MILTER_CORE", "libmilter")},
          "scripted": {"workers": workers}},
         "(scripted test)",
         {"scripted": ScriptedSettings},

@@ -1,0 +1,390 @@
+"""A milter server core in Python: the same adapter, without libmilter's threads.
+
+pymilter and libmilter cost about 0.65 ms of CPU per message before any filter
+work (bench/core_eval.py; a Python protocol loop does the same dialogue for
+0.35 ms): each callback is a hand-off from a libmilter thread into the
+interpreter, and our macros have to be read out of libmilter's memory. With
+`[global] milter_core = "python"` a worker reads the milter protocol itself,
+one thread per MTA connection, and drives the very Session class the adapter
+makes for pymilter (core/adapter.py): negotiation, callbacks, the backstop and
+the actions are the adapter's, only the context under them is ours. Actions
+are queued as protocol packets and sent with the reply of the callback that
+made them, as libmilter sends them.
+
+The listening socket is the worker's inherited fd, polled by its number, so the
+runner's drain and descriptor gate (runner.ListenerGate swaps that fd for a
+pipe) work as they do for libmilter.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+import types
+from typing import Any
+
+from milters.core import protocol
+from milters.core.adapter import (
+    _ST_CONN,
+    _ST_HDRS,
+    _ST_HELO,
+    CODE_REPLIES,
+    CONTINUE,
+    NOREPLY,
+    REFUSALS,
+    Session,
+    adapter_class,
+)
+from milters.core.macroreader import Macros, normalize
+from milters.core.runtime import Runtime, SessionCounter
+
+log = logging.getLogger(__name__)
+
+_HEAD = struct.Struct(">I")
+_OPTNEG = struct.Struct(">III")
+_INDEX = struct.Struct(">I")
+# Packets larger than this are not from an MTA (Postfix sends a header field whole,
+# up to header_size_limit, 100 KB by default; body chunks are 64 KB).
+MAX_PACKET = 1024 * 1024
+_FAMILIES = types.MappingProxyType(
+    {b"4": socket.AF_INET, b"6": socket.AF_INET6, b"L": socket.AF_UNIX})
+# Commands that only follow MAIL (libmilter ignores them before it).
+_IN_TRANSACTION = frozenset({protocol.SMFIC_RCPT, protocol.SMFIC_DATA, protocol.SMFIC_HEADER,
+                             protocol.SMFIC_EOH, protocol.SMFIC_BODY, protocol.SMFIC_BODYEOB})
+# libmilter's ctx_state names for the stages whose arguments may not decode.
+_ST_MAIL = 4
+
+
+class ConnectionClosed(Exception):
+    """The MTA closed the connection, or sent what no MTA sends."""
+
+
+def _packet(cmd: bytes, data: bytes = b"") -> bytes:
+    return _HEAD.pack(len(data) + 1) + cmd + data
+
+
+def _text(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
+class Context:
+    """What pymilter's context object is to Milter.Base, for one MTA connection:
+    the actions of the callback running now, as packets, and the macros."""
+
+    def __init__(self) -> None:
+        self.actions: list[bytes] = []
+        self.reply: bytes | None = None
+        self.macros: dict[bytes, dict[str, str]] = {}  # by the command they precede
+        self.odd_lists: list[str] = []
+        self.state = 0
+        self._priv: Any = None
+
+    # -- Milter.Base calls these -------------------------------------------------
+
+    def getpriv(self) -> Any:
+        return self._priv
+
+    def setpriv(self, priv: Any) -> None:
+        self._priv = priv
+
+    def getsymval(self, name: str) -> str | None:
+        return self.read_macros().values.get(normalize(name))
+
+    def setsymlist(self, stage: int, macros: str) -> None:
+        return None  # Postfix sends its configured lists; we read what comes
+
+    def setreply(self, rcode: str, xcode: str | None, msg: str | None, *lines: str) -> None:
+        # As smfi_setreply builds it; the '%%' the adapter doubles for libmilter
+        # stay doubled, as libmilter sends them.
+        text = " ".join(x for x in (rcode, xcode, msg) if x)
+        self.reply = _packet(protocol.SMFIR_REPLYCODE, _text(text) + b"\0")
+
+    def addheader(self, field: str, value: str | bytes, idx: int = -1) -> None:
+        data = _text(field) + b"\0" + _text(value) + b"\0"
+        if idx < 0:
+            self.actions.append(_packet(protocol.SMFIR_ADDHEADER, data))
+        else:
+            self.actions.append(_packet(protocol.SMFIR_INSHEADER, _INDEX.pack(idx) + data))
+
+    def chgheader(self, field: str, idx: int, value: str | bytes | None) -> None:
+        data = _INDEX.pack(idx) + _text(field) + b"\0" + _text(value or "") + b"\0"
+        self.actions.append(_packet(protocol.SMFIR_CHGHEADER, data))
+
+    def addrcpt(self, rcpt: str, params: str | None = None) -> None:
+        if params:
+            self.actions.append(_packet(protocol.SMFIR_ADDRCPT_PAR,
+                                        _text(rcpt) + b"\0" + _text(params) + b"\0"))
+        else:
+            self.actions.append(_packet(protocol.SMFIR_ADDRCPT, _text(rcpt) + b"\0"))
+
+    def delrcpt(self, rcpt: str) -> None:
+        self.actions.append(_packet(protocol.SMFIR_DELRCPT, _text(rcpt) + b"\0"))
+
+    def replacebody(self, chunk: bytes) -> None:
+        self.actions.append(_packet(protocol.SMFIR_REPLBODY, _text(chunk)))
+
+    def quarantine(self, reason: str) -> None:
+        self.actions.append(_packet(protocol.SMFIR_QUARANTINE, _text(reason) + b"\0"))
+
+    # -- for the macro reader ----------------------------------------------------
+
+    def read_macros(self) -> Macros:
+        values: dict[str, str] = {}
+        for stage in self.macros.values():  # sent in stage order; later wins
+            values.update(stage)
+        return Macros(values, tuple(self.odd_lists))
+
+
+class ContextMacros:
+    """The adapter's macro source (core/macroreader.MacroSource) for our contexts."""
+
+    def read(self, ctx_object: Any) -> Macros:
+        assert isinstance(ctx_object, Context)
+        return ctx_object.read_macros()
+
+    def state(self, ctx_object: Any) -> int:
+        assert isinstance(ctx_object, Context)
+        return ctx_object.state
+
+
+class Connection:
+    """One MTA connection: packets in, the Session's answers out."""
+
+    def __init__(self, sock: socket.socket, klass: type[Session], timeout: float) -> None:
+        self.sock = sock
+        self.klass = klass
+        self.timeout = timeout
+        self.buf = b""
+        self.ctx = Context()
+        self.session: Session | None = None
+        self.protocol = 0
+        self.in_transaction = False  # between MAIL and end of message or abort
+
+    def serve(self) -> None:
+        self.sock.settimeout(self.timeout)
+        try:
+            while True:
+                cmd, data = self._read()
+                if not self._dispatch(cmd, data):
+                    return
+        except (ConnectionClosed, OSError):
+            pass
+        finally:
+            self._end()
+            self.sock.close()
+
+    def _read(self) -> tuple[bytes, bytes]:
+        while True:
+            if len(self.buf) >= 4:
+                size = _HEAD.unpack_from(self.buf)[0]
+                if size == 0 or size > MAX_PACKET:
+                    raise ConnectionClosed(f"packet of {size} bytes")
+                if len(self.buf) >= 4 + size:
+                    cmd, data = self.buf[4:5], self.buf[5:4 + size]
+                    self.buf = self.buf[4 + size:]
+                    return cmd, data
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionClosed("closed by the MTA")
+            self.buf += chunk
+
+    def _send(self, rc: int) -> None:
+        ctx = self.ctx
+        if rc == NOREPLY:
+            out = b"".join(ctx.actions)
+        else:
+            reply = ctx.reply if rc in REFUSALS else None
+            code = CODE_REPLIES.get(rc, protocol.SMFIR_TEMPFAIL)
+            out = b"".join(ctx.actions) + (reply or _packet(code))
+        ctx.actions = []
+        ctx.reply = None
+        if out:
+            self.sock.sendall(out)
+
+    def _dispatch(self, cmd: bytes, data: bytes) -> bool:
+        """Run one command; False ends the connection."""
+        ctx = self.ctx
+        if cmd == protocol.SMFIC_MACRO:
+            self._macro(data)
+            return True
+        if cmd == protocol.SMFIC_OPTNEG:
+            return self._negotiate(data)
+        session = self.session
+        if session is None:
+            raise ConnectionClosed(f"command {cmd!r} before negotiation")
+        if cmd in _IN_TRANSACTION and not self.in_transaction:
+            # libmilter's state machine (engine.c) drops a command that cannot
+            # follow the current state, without a reply, before any callback.
+            return True
+        if cmd == protocol.SMFIC_CONNECT:
+            ctx.state = _ST_CONN
+            host, family, hostaddr = _connect_args(data)
+            name = self._decoded(host, session)
+            self._send(CONTINUE if name is None else session.connect(name, family, hostaddr))
+        elif cmd == protocol.SMFIC_HELO:
+            ctx.state = _ST_HELO
+            helo = self._decoded(data.split(b"\0", 1)[0], session)
+            self._send(CONTINUE if helo is None else session.hello(helo))
+        elif cmd == protocol.SMFIC_MAIL:
+            ctx.state = _ST_MAIL
+            self.in_transaction = True
+            self._send(session.envfrom(*_args(data)))
+        elif cmd == protocol.SMFIC_RCPT:
+            self._send(session.envrcpt(*_args(data)))
+        elif cmd == protocol.SMFIC_DATA:
+            self._send(session.data())
+        elif cmd == protocol.SMFIC_HEADER:
+            ctx.state = _ST_HDRS
+            raw_name, sep, rest = data.partition(b"\0")
+            if not sep or not rest.endswith(b"\0"):
+                raise ConnectionClosed("header without its value")
+            name = self._decoded(raw_name, session)
+            if name is not None:
+                self._send(session.header(name, rest.rsplit(b"\0", 1)[0]))
+            elif not self.protocol & int(protocol.ProtocolFlag.NR_HDR):
+                self._send(CONTINUE)
+        elif cmd == protocol.SMFIC_EOH:
+            self._send(session.eoh())
+        elif cmd == protocol.SMFIC_BODY:
+            self._send(session.body(data))
+        elif cmd == protocol.SMFIC_BODYEOB:
+            if data:
+                session.body(data)
+                ctx.actions = []
+            self.in_transaction = False
+            self._send(session.eom())
+        elif cmd == protocol.SMFIC_ABORT:
+            self.in_transaction = False
+            session.abort()
+            ctx.actions = []
+        elif cmd == protocol.SMFIC_QUIT:
+            return False
+        elif cmd == protocol.SMFIC_QUIT_NC:
+            self._end()  # a new SMTP session follows on this connection
+        elif cmd == protocol.SMFIC_UNKNOWN:
+            self._send(CONTINUE)
+        else:
+            raise ConnectionClosed(f"unknown command {cmd!r}")
+        return True
+
+    def _decoded(self, raw: bytes, session: Session) -> str | None:
+        """`raw` as pymilter would give it (strict UTF-8). When it is not, pymilter
+        calls no callback and answers CONTINUE, and the session hears of the bytes
+        through its excepthook (Session.undecodable): the same here."""
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            session.undecodable(raw)
+            return None
+
+    def _macro(self, data: bytes) -> None:
+        if not data:
+            raise ConnectionClosed("empty macro packet")
+        stage, strings = data[:1], data[1:].split(b"\0")
+        if strings and strings[-1] == b"":
+            strings.pop()
+        if len(strings) % 2:
+            self.ctx.odd_lists.append(stage.decode("ascii", "replace"))
+            strings.pop()
+        values = {normalize(strings[i].decode("utf-8", "surrogateescape")):
+                  strings[i + 1].decode("utf-8", "surrogateescape")
+                  for i in range(0, len(strings), 2)}
+        self.ctx.macros.pop(stage, None)  # a resent stage moves to the end
+        self.ctx.macros[stage] = values
+
+    def _negotiate(self, data: bytes) -> bool:
+        if len(data) < 12:
+            raise ConnectionClosed("short option negotiation")
+        _, actions, offered = _OPTNEG.unpack_from(data)
+        self._end()
+        self.ctx = Context()
+        session = self.klass()
+        session._setctx(self.ctx)
+        self.ctx.setpriv(session)
+        opts = [actions, offered, 0, 0]
+        session.negotiate(opts)
+        self.session = session
+        self.protocol = opts[1]
+        self.sock.sendall(_packet(protocol.SMFIC_OPTNEG, _OPTNEG.pack(
+            protocol.PROTOCOL_VERSION, opts[0] & actions, opts[1] & offered)))
+        return True
+
+    def _end(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            session.close()
+            session._setctx(None)
+
+
+def _args(data: bytes) -> list[bytes]:
+    """MAIL or RCPT arguments; none at all is not from an MTA (libmilter closes)."""
+    parts = data.split(b"\0")
+    if parts and parts[-1] == b"":
+        parts.pop()
+    if not parts:
+        raise ConnectionClosed("MAIL or RCPT without an address")
+    return parts
+
+
+def _connect_args(data: bytes) -> tuple[bytes, int, Any]:
+    """(host name bytes, family, address) as pymilter passes them; what libmilter
+    refuses (no NUL, an unknown family, an address that does not parse) closes."""
+    host, sep, rest = data.partition(b"\0")
+    if not sep or not rest:
+        raise ConnectionClosed("connect without its family")
+    family = rest[:1]
+    if family == protocol.SMFIA_UNKNOWN:
+        return host, 0, None
+    if family not in _FAMILIES or len(rest) < 4 or not rest.endswith(b"\0"):
+        raise ConnectionClosed(f"connect with family {family!r}")
+    port = _INDEX.unpack(b"\0\0" + rest[1:3])[0]
+    address = rest[3:-1].decode("ascii", "replace")
+    if family == protocol.SMFIA_UNIX:
+        return host, socket.AF_UNIX, address
+    try:
+        socket.inet_pton(_FAMILIES[family], address)
+    except OSError:
+        raise ConnectionClosed(f"connect with address {address!r}") from None
+    return host, _FAMILIES[family], (address, port)
+
+
+def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: int,
+                  listen_fd: int) -> None:
+    """Accept on the worker's listening fd (by its number: see the module docstring)
+    and serve each MTA connection in a thread of its own."""
+    timeout = float(runtime.config.filters[runtime.filter.name].timeout)
+    klass = adapter_class(runtime, sessions, ContextMacros(), max_connections)
+    listener = socket.socket(fileno=listen_fd)
+    listener.setblocking(False)
+    poller = select.poll()
+    poller.register(listen_fd, select.POLLIN)
+    try:
+        while True:
+            if not poller.poll(1000):
+                continue
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another worker took it
+            except OSError as exc:
+                # Out of descriptors (EMFILE) and the like: the runner's descriptor
+                # watch pauses this listener; meanwhile do not spin on it.
+                log.debug("filter %s: accept failed: %s", runtime.filter.name, exc)
+                time.sleep(0.1)
+                continue
+            conn.setblocking(True)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                threading.Thread(target=Connection(conn, klass, timeout).serve,
+                                 name="milter", daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had: the MTA retries
+                log.warning("filter %s: cannot serve a connection: %s",
+                            runtime.filter.name, exc)
+                conn.close()
+    finally:
+        listener.detach()  # the fd belongs to the runner (ListenerGate)
