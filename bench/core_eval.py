@@ -10,8 +10,9 @@ body, add one field at end of message, accept), each in one process:
 - `python`: the milter protocol read and answered in Python (milters.client.wire
   constants), one thread per connection with blocking sockets, packets parsed
   from one buffer;
-- `ours`: our adapter and pipeline with the core-only `scripted` test filter
-  (bench/milter_bench.py --filter scripted), for reference.
+- `ours, libmilter core` and `ours, python core`: our adapter and pipeline with
+  the core-only `scripted` test filter (bench/milter_bench.py --filter scripted),
+  under `[global] milter_core = "libmilter"` and `"python"` (core/pyserver.py).
 
 bench/milter_bench.py drives each as Postfix would (one milter connection per
 message, no TCP_NODELAY on the client) and reports the filter's CPU; this prints
@@ -19,9 +20,8 @@ the CPU milliseconds per message of each server side by side.
 
     python -m bench.core_eval [--count 3000] [--connections 1 4]
 
-The `python` loop is an evaluation, not a server: no macros are kept, no limits,
-no drain. It shows how much of the per-message floor is pymilter's and
-libmilter's, and so what replacing them behind the one adapter could save.
+The bare `python` loop keeps no macros and has no limits: it is the floor of a
+Python core; `ours, python core` is the real one.
 """
 
 from __future__ import annotations
@@ -199,12 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  cwd=Path(__file__).resolve().parents[1])
             results[name] = _bench(f"inet:{port}@127.0.0.1", proc.pid, args)
             proc.kill()
-    results["ours (scripted)"] = _bench("", None, args, ("--filter", "scripted",
-                                                          "--workers", "1"))
-    print("server core        connections  msgs/s   CPU ms per message")
+    for core in ("libmilter", "python"):
+        results[f"ours, {core} core"] = _bench("", None, args, (
+            "--filter", "scripted", "--workers", "1", "--milter-core", core))
+    print("server core            connections  msgs/s   CPU ms per message")
     for name, rows in results.items():
         for r in rows:
-            print(f"{name:<18} {r['connections']:>11}  {r['msgs_per_s']:>6.0f}   "
+            print(f"{name:<22} {r['connections']:>11}  {r['msgs_per_s']:>6.0f}   "
                   f"{r['cpu_ms_per_msg']:.3f}")
     return 0
 

@@ -384,13 +384,14 @@ def _brief(mem: dict[str, Any]) -> dict[str, Any]:
 # --- the filter under test ---------------------------------------------------------------
 
 
-def checks_config(port: int, workers: int, log_level: str, metrics_port: int = 0) -> str:
+def checks_config(port: int, workers: int, log_level: str, metrics_port: int = 0,
+                  core: str = "libmilter") -> str:
     tables = common.TABLES_DIR
     # checks is 5th in chain order: its metrics port is metrics_listen + 4.
     metrics = f'metrics_listen = "127.0.0.1:{metrics_port - 4}"\n' if metrics_port else ""
     return (
         "[global]\n"
-        f'log_level = "{log_level}"\n{metrics}\n'
+        f'log_level = "{log_level}"\nmilter_core = "{core}"\n{metrics}\n'
         "[checks]\n"
         f'socket = "inet:{port}@127.0.0.1"\n'
         f"workers = {workers}\n"
@@ -399,20 +400,20 @@ def checks_config(port: int, workers: int, log_level: str, metrics_port: int = 0
     )
 
 
-def start_filter(name: str, workers: int, log_level: str, workdir: Path, metrics: bool = False
-                 ) -> tuple[ManagedProcess, str]:
+def start_filter(name: str, workers: int, log_level: str, workdir: Path, metrics: bool = False,
+                 core: str = "libmilter") -> tuple[ManagedProcess, str]:
     """Start filter `name` on a free port; return it, listening, and its socket spec.
 
     With `metrics`, checks exports Prometheus metrics (one more process: the exporter).
     """
     port = free_port()
-    env = {"PYTHONPATH": str(common.REPO_ROOT)}
+    env = {"PYTHONPATH": str(common.REPO_ROOT), "SCRIPTED_MILTER_CORE": core}
     if name == "checks":
         cfg = workdir / "checks.toml"
         metrics_port = 0
         while metrics and metrics_port <= 1028:
             metrics_port = free_port()
-        cfg.write_text(checks_config(port, workers, log_level, metrics_port))
+        cfg.write_text(checks_config(port, workers, log_level, metrics_port, core))
         argv = [sys.executable, "-m", "milters", "run", "checks", "--config", str(cfg)]
     elif name == "scripted":
         argv = [sys.executable, str(SCRIPTED), str(port), "enforce", "tempfail", str(workers)]
@@ -457,6 +458,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", default="info", help="the filter's log level ([global])")
     p.add_argument("--metrics", action="store_true",
                    help="checks with Prometheus metrics on ([global] metrics_listen)")
+    p.add_argument("--milter-core", choices=("libmilter", "python"), default="libmilter",
+                   help="[global] milter_core of the filter started")
     p.add_argument("--out", type=Path, help="JSON file (default: bench/results/...)")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
     return p.parse_args(argv)
@@ -499,7 +502,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 socket_spec, root = args.socket, args.pid
             else:
                 proc, socket_spec = start_filter(args.filter, args.workers, args.log_level,
-                                                 Path(tmp), metrics=args.metrics)
+                                                 Path(tmp), metrics=args.metrics,
+                                                 core=args.milter_core)
                 root = proc.pid
             result["socket"] = socket_spec
 

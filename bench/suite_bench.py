@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, deployment: str = "sockets",
             if filtered:
                 suite = start_suite(factory, work, keys, dns, clamd.tcp, workers=args.workers,
                                     dns_timeout=2.0, clamd_timeout=5.0,
-                                    chain=deployment == "chain")
+                                    chain=deployment == "chain", core=args.milter_core)
                 suite.attach(instance)
                 processes = suite.processes
             else:
@@ -217,6 +217,7 @@ def run(args: argparse.Namespace, deployment: str = "sockets",
                 "messages": args.count,
                 "sessions": sessions,
                 "workers": args.workers,
+                "milter_core": args.milter_core,
                 "codes": codes,
                 "unexpected_outcomes": sum(r["unexpected"] for r in collected),
                 "sender_errors": [e for r in collected for e in r["errors"]][:10],
@@ -286,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--deployment", choices=("sockets", "chain", "none", "compare"),
                         default="sockets")
+    parser.add_argument("--milter-core", choices=("libmilter", "python"), default="libmilter",
+                        help="[global] milter_core of every filter")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     reason = unavailable_reason()
