@@ -4,7 +4,9 @@ The set-up of tests/e2e/test_suite_e2e.py (tests/e2e/suite.py: one config, `milt
 run NAME` per filter in chain order dkim, spf, dmarc, clamav, checks, for
 smtpd_milters and non_smtpd_milters), a test clamd and the loopback DNS server.
 Senders in separate processes, one message per SMTP session with XCLIENT as an
-outside MTA whose address the sender domain's SPF lists; every message is DKIM
+outside MTA whose address the sender domain's SPF lists (the milters are disabled
+for the loopback connection before XCLIENT with smtpd_milter_maps, so each message
+has one dialogue per socket, as at a real MX); every message is DKIM
 signed by that domain (dkimpy, beforehand), so each filter does its full work:
 dkim verifies, spf passes, dmarc passes on both, clamav scans, checks runs its rule.
 One message in 40 is refused on purpose (header_checks REJECT), counted apart.
@@ -162,7 +164,13 @@ def run(args: argparse.Namespace, deployment: str = "sockets",
                 suite = start_suite(factory, work, keys, dns, clamd.tcp, workers=args.workers,
                                     dns_timeout=2.0, clamd_timeout=5.0,
                                     chain=deployment == "chain", core=args.milter_core)
-                suite.attach(instance)
+                # Postfix opens a milter dialogue for the loopback connection and
+                # another after XCLIENT; a real MX has one per session, for the
+                # outside client: disable the milters for loopback clients.
+                maps = work / "milter_maps"
+                maps.write_text("127.0.0.0/8 DISABLE\n")
+                instance.set_milters(suite.sockets, suite.sockets,
+                                     smtpd_milter_maps=f"cidr:{maps}")
                 processes = suite.processes
             else:
                 instance.set_milters([], [])
