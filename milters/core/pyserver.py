@@ -173,6 +173,8 @@ class Connection:
                     return
         except (ConnectionClosed, OSError):
             pass
+        except Exception:  # a bug here must not pass silently, nor kill the worker
+            log.exception("milter connection ended by an error in the protocol loop")
         finally:
             self._end()
             self.sock.close()
