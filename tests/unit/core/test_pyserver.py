@@ -1,0 +1,106 @@
+"""The Python milter core's packet handling (core/pyserver.py) without a socket:
+connect arguments as pymilter passes them, macros as libmilter keeps them, and
+actions encoded as libmilter sends them. Over real sockets the core runs the
+hostile-protocol battery and the adapter tests (tests/protocol)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import pytest
+
+from milters.core import protocol
+from milters.core.pyserver import ConnectionClosed, Context, _args, _connect_args
+
+
+def connect_data(host: bytes, family: bytes, port: int = 25, addr: bytes = b"") -> bytes:
+    return host + b"\0" + family + struct.pack(">H", port) + addr + b"\0"
+
+
+def test_connect_arguments_as_pymilter_passes_them() -> None:
+    assert _connect_args(connect_data(b"mx.example", b"4", 2525, b"192.0.2.1")) == (
+        b"mx.example", socket.AF_INET, ("192.0.2.1", 2525))
+    assert _connect_args(connect_data(b"mx", b"6", 25, b"2001:db8::1")) == (
+        b"mx", socket.AF_INET6, ("2001:db8::1", 25))
+    assert _connect_args(b"localhost\0U") == (b"localhost", 0, None)
+
+
+@pytest.mark.parametrize("data", [
+    b"hostonly",  # no NUL
+    b"host\0",  # no family
+    connect_data(b"h", b"X", 25, b"192.0.2.1"),  # unknown family
+    connect_data(b"h", b"4", 25, b"999.1.2.3"),  # not an address
+    connect_data(b"h", b"6", 25, b"::zz::1"),
+])
+def test_what_libmilter_refuses_closes(data: bytes) -> None:
+    with pytest.raises(ConnectionClosed):
+        _connect_args(data)
+
+
+def test_mail_arguments_and_an_empty_mail() -> None:
+    assert _args(b"<a@example.com>\0SIZE=10\0") == [b"<a@example.com>", b"SIZE=10"]
+    with pytest.raises(ConnectionClosed):
+        _args(b"")
+
+
+def unpack(packet: bytes) -> tuple[bytes, bytes]:
+    (size,) = struct.unpack(">I", packet[:4])
+    assert size == len(packet) - 4
+    return packet[4:5], packet[5:]
+
+
+def test_actions_are_encoded_as_libmilter_sends_them() -> None:
+    ctx = Context()
+    ctx.addheader("X-A", " one")
+    ctx.addheader("Authentication-Results", " mx; none", 0)
+    ctx.chgheader("Subject", 1, " new")
+    ctx.chgheader("X-Gone", 2, None)
+    ctx.addrcpt("<b@example.com>")
+    ctx.delrcpt("<c@example.com>")
+    ctx.replacebody(b"body\r\n")
+    ctx.quarantine("held")
+    got = [unpack(p) for p in ctx.actions]
+    assert got == [
+        (protocol.SMFIR_ADDHEADER, b"X-A\0 one\0"),
+        (protocol.SMFIR_INSHEADER, b"\0\0\0\0Authentication-Results\0 mx; none\0"),
+        (protocol.SMFIR_CHGHEADER, b"\0\0\0\1Subject\0 new\0"),
+        (protocol.SMFIR_CHGHEADER, b"\0\0\0\2X-Gone\0\0"),  # empty value: delete
+        (protocol.SMFIR_ADDRCPT, b"<b@example.com>\0"),
+        (protocol.SMFIR_DELRCPT, b"<c@example.com>\0"),
+        (protocol.SMFIR_REPLBODY, b"body\r\n"),
+        (protocol.SMFIR_QUARANTINE, b"held\0"),
+    ]
+    ctx.setreply("550", "5.7.1", "no 100%% way")
+    assert unpack(ctx.reply or b"") == (protocol.SMFIR_REPLYCODE, b"550 5.7.1 no 100%% way\0")
+
+
+def test_macros_later_stages_win_and_odd_lists_are_named() -> None:
+    ctx = Context()
+    ctx.macros[b"C"] = {"j": "mx.example", "_": "client"}
+    ctx.macros[b"M"] = {"i": "ABC123", "j": "other"}
+    ctx.odd_lists.append("R")
+    macros = ctx.read_macros()
+    assert macros.get("{i}") == "ABC123" and macros.get("j") == "other"
+    assert macros.odd_lists == ("R",)
+    assert ctx.getsymval("_") == "client"
+
+
+def test_macro_packets_are_kept_by_stage() -> None:
+    from milters.core.adapter import Session
+    from milters.core.pyserver import Connection
+
+    a, b = socket.socketpair()
+    try:
+        conn = Connection(a, Session, 5.0)
+        conn._macro(b"Cj\0mx.example\0{daemon_name}\0ORIGINATING\0")
+        conn._macro(b"M{i}\0ABC\0{mail_addr}\0a@example.com\0x\0")  # odd: x dropped
+        assert conn.ctx.read_macros().values == {
+            "j": "mx.example", "{daemon_name}": "ORIGINATING", "i": "ABC",
+            "{mail_addr}": "a@example.com"}
+        assert conn.ctx.odd_lists == ["M"]
+        with pytest.raises(ConnectionClosed):
+            conn._macro(b"")
+    finally:
+        a.close()
+        b.close()
