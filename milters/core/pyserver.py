@@ -22,9 +22,9 @@ import logging
 import select
 import socket
 import struct
-import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from milters.core import protocol
@@ -78,8 +78,9 @@ class Context:
     def __init__(self) -> None:
         self.actions: list[bytes] = []
         self.reply: bytes | None = None
-        self.macros: dict[bytes, dict[str, str]] = {}  # by the command they precede
-        self.odd_lists: list[str] = []
+        # Macro packets by the command they precede, parsed only when read: most
+        # are never read (the adapter reads at connect, MAIL and end of message).
+        self.macros: dict[bytes, bytes] = {}
         self.state = 0
         self._priv: Any = None
 
@@ -134,9 +135,18 @@ class Context:
 
     def read_macros(self) -> Macros:
         values: dict[str, str] = {}
-        for stage in self.macros.values():  # sent in stage order; later wins
-            values.update(stage)
-        return Macros(values, tuple(self.odd_lists))
+        odd: list[str] = []
+        for stage, data in self.macros.items():  # sent in stage order; later wins
+            strings = data.split(b"\0")
+            if strings and strings[-1] == b"":
+                strings.pop()
+            if len(strings) % 2:
+                odd.append(stage.decode("ascii", "replace"))
+                strings.pop()
+            for i in range(0, len(strings), 2):
+                values[normalize(strings[i].decode("utf-8", "surrogateescape"))] = \
+                    strings[i + 1].decode("utf-8", "surrogateescape")
+        return Macros(values, tuple(odd))
 
 
 class ContextMacros:
@@ -286,17 +296,9 @@ class Connection:
     def _macro(self, data: bytes) -> None:
         if not data:
             raise ConnectionClosed("empty macro packet")
-        stage, strings = data[:1], data[1:].split(b"\0")
-        if strings and strings[-1] == b"":
-            strings.pop()
-        if len(strings) % 2:
-            self.ctx.odd_lists.append(stage.decode("ascii", "replace"))
-            strings.pop()
-        values = {normalize(strings[i].decode("utf-8", "surrogateescape")):
-                  strings[i + 1].decode("utf-8", "surrogateescape")
-                  for i in range(0, len(strings), 2)}
+        stage = data[:1]
         self.ctx.macros.pop(stage, None)  # a resent stage moves to the end
-        self.ctx.macros[stage] = values
+        self.ctx.macros[stage] = data[1:]
 
     def _negotiate(self, data: bytes) -> bool:
         if len(data) < 12:
@@ -360,6 +362,10 @@ def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: i
     and serve each MTA connection in a thread of its own."""
     timeout = float(runtime.config.filters[runtime.filter.name].timeout)
     klass = adapter_class(runtime, sessions, ContextMacros(), max_connections)
+    # Threads are kept for the next connection (starting one per connection was a
+    # tenth of the core's time); room beyond max_connections so that the session
+    # over the limit is answered 451 by the adapter, not left waiting for a thread.
+    pool = ThreadPoolExecutor(max_workers=max_connections + 16, thread_name_prefix="milter")
     listener = socket.socket(fileno=listen_fd)
     listener.setblocking(False)
     poller = select.poll()
@@ -382,8 +388,7 @@ def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: i
             if conn.family in (socket.AF_INET, socket.AF_INET6):
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
-                threading.Thread(target=Connection(conn, klass, timeout).serve,
-                                 name="milter", daemon=True).start()
+                pool.submit(Connection(conn, klass, timeout).serve)
             except RuntimeError as exc:  # no thread to be had: the MTA retries
                 log.warning("filter %s: cannot serve a connection: %s",
                             runtime.filter.name, exc)

@@ -77,9 +77,9 @@ def test_actions_are_encoded_as_libmilter_sends_them() -> None:
 
 def test_macros_later_stages_win_and_odd_lists_are_named() -> None:
     ctx = Context()
-    ctx.macros[b"C"] = {"j": "mx.example", "_": "client"}
-    ctx.macros[b"M"] = {"i": "ABC123", "j": "other"}
-    ctx.odd_lists.append("R")
+    ctx.macros[b"C"] = b"j\0mx.example\0_\0client\0"
+    ctx.macros[b"M"] = b"{i}\0ABC123\0j\0other\0"
+    ctx.macros[b"R"] = b"{rcpt_addr}\0u@example.com\0x\0"
     macros = ctx.read_macros()
     assert macros.get("{i}") == "ABC123" and macros.get("j") == "other"
     assert macros.odd_lists == ("R",)
@@ -98,7 +98,7 @@ def test_macro_packets_are_kept_by_stage() -> None:
         assert conn.ctx.read_macros().values == {
             "j": "mx.example", "{daemon_name}": "ORIGINATING", "i": "ABC",
             "{mail_addr}": "a@example.com"}
-        assert conn.ctx.odd_lists == ["M"]
+        assert conn.ctx.read_macros().odd_lists == ("M",)
         with pytest.raises(ConnectionClosed):
             conn._macro(b"")
     finally:
