@@ -39,7 +39,7 @@ import queue
 import smtplib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -50,6 +50,7 @@ if __package__ in (None, ""):  # `python bench/peers_bench.py`
 
 from bench import common
 from bench.corpus import corpus
+from bench.dns_front import cached_dns
 from bench.peers_setup import (
     OUTSIDE,
     SUBMITTER,
@@ -58,6 +59,7 @@ from bench.peers_setup import (
     Workspace,
     make_workspace,
     missing_peers,
+    postfix_params,
     probe,
     remove_workspace,
     start_clamav_milter,
@@ -71,7 +73,6 @@ from bench.peers_setup import (
 from bench.postfix_bench import Wire, to_wire, wait_queue_drained
 from tests.e2e.postfix import PostfixInstance, unavailable_reason
 from tests.support.clamd import running_clamd
-from tests.support.dns import dns_server
 from tests.support.namespace import DNS53
 from tests.support.processes import LOOPBACK, ProcessFactory
 
@@ -118,9 +119,7 @@ def send_one(port: int, route: Route, wire: Wire) -> tuple[int, float]:
         code, text = smtp.connect(LOOPBACK, port)
         if code != 220:
             raise smtplib.SMTPResponseException(code, text)
-        # XCLIENT right after the greeting: the milters' dialogue for the loopback
-        # connection is then CONNECT alone, and Postfix opens a new one for the
-        # XCLIENT client, which is the one that evaluates.
+        # The milters see only the XCLIENT client (peers_setup.postfix_params).
         for reply in (smtp.docmd("XCLIENT", route.xclient), smtp.ehlo(route.helo)):
             if reply[0] not in (220, 250):
                 return reply[0], math.nan
@@ -218,9 +217,11 @@ def cpu_roots(instance: PostfixInstance, setup: SetUp, clamd_pid: int) -> dict[s
 
 
 def run_case(instance: PostfixInstance, setup: SetUp, sessions: int, count: int,
-             max_seconds: float, warmup: int, clamd_pid: int) -> dict[str, Any]:
-    extra = {"virtual_transport": "discard"}  # delivery is not what we measure
-    instance.set_milters([setup.side.postfix_spec] if setup.side else [], **extra)
+             max_seconds: float, warmup: int, clamd_pid: int,
+             dns_queries: Callable[[], int]) -> dict[str, Any]:
+    # Delivery to discard(8): delivering is not what we measure.
+    instance.set_milters([setup.side.postfix_spec] if setup.side else [],
+                         **postfix_params(instance, discard=True))
     port = instance.submission_port if setup.route.submission else instance.port
     # Warm up: smtpd processes forked, the milter's workers and caches in use.
     send_load(port, setup.route, setup.wires, max(warmup, 2 * sessions), sessions,
@@ -232,6 +233,7 @@ def run_case(instance: PostfixInstance, setup: SetUp, sessions: int, count: int,
     def start_clock() -> None:
         before.update({k: common.tree_cpu_seconds(pid) for k, pid in roots.items()})
         before["bench"] = common.own_cpu_seconds()  # the DNS server's threads
+        before["dns"] = dns_queries()
 
     collected = send_load(port, setup.route, setup.wires, count, sessions, max_seconds,
                           start_clock)
@@ -239,6 +241,7 @@ def run_case(instance: PostfixInstance, setup: SetUp, sessions: int, count: int,
     # After the queue drained: Postfix's CPU includes delivering what was accepted.
     cpu = {k: common.tree_cpu_seconds(pid) - before[k] for k, pid in roots.items()}
     cpu["bench"] = common.own_cpu_seconds() - before["bench"]
+    queries = dns_queries() - before["dns"]
     busy = max(r.wall_s for r in collected)
     accept = [v for r in collected for v in r.accept_ms]
     codes: dict[str, int] = {}
@@ -263,6 +266,7 @@ def run_case(instance: PostfixInstance, setup: SetUp, sessions: int, count: int,
         "error_count": sum(len(r.errors) for r in collected),
         "cpu_ms_per_msg": {k: round(1000.0 * v / answered, 3) if answered else None
                            for k, v in cpu.items()},
+        "dns_queries_per_msg": round(queries / answered, 2) if answered else None,
         "queue_drained": drained,
     }
 
@@ -291,7 +295,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="concurrent SMTP sessions")
     p.add_argument("--count", type=int, default=600, help="messages per case (at most)")
-    p.add_argument("--max-seconds", type=float, default=12.0,
+    p.add_argument("--max-seconds", type=float, default=15.0,
                    help="a case stops sending after this long (the stalling peers manage "
                         "about 11 msgs/s at 1 session)")
     p.add_argument("--warmup", type=int, default=10, help="untimed messages before a case")
@@ -333,7 +337,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     instance = PostfixInstance()
     factory = ProcessFactory()
     try:
-        with dns_server(DNS53, 53) as dns, running_clamd() as clamd:
+        with cached_dns(DNS53, 53) as (dns, front), running_clamd() as clamd:
             for name, value in ws.records.items():
                 dns.txt(name, value)
             instance.setup()
@@ -349,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for n in args.sessions:
                 for setup in setups:
                     case = run_case(instance, setup, n, args.count, args.max_seconds,
-                                    args.warmup, clamd.process.pid)
+                                    args.warmup, clamd.process.pid, lambda: front.queries)
                     result["cases"].append(case)
                     print(f"  {setup.name:<22} sessions={n:<3} {case['msgs_per_s']:7.1f} "
                           f"msgs/s  p50 {case['accept_ms'].get('p50', math.nan):7.2f} ms  "
@@ -405,6 +409,8 @@ def comparison(cases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             "alone_postfix_cpu_ms": cpu(base, "postfix") if base else None,
             "ours_clamd_cpu_ms": cpu(ours, "clamd"), "peer_clamd_cpu_ms": cpu(peer, "clamd"),
             "ours_bench_cpu_ms": cpu(ours, "bench"), "peer_bench_cpu_ms": cpu(peer, "bench"),
+            "ours_dns_queries": ours["dns_queries_per_msg"],
+            "peer_dns_queries": peer["dns_queries_per_msg"],
         })
     return out
 
@@ -433,7 +439,9 @@ def table(result: dict[str, Any]) -> str:
             extra.append(f"clamav s={c['sessions']}: clamd cpu ms/msg ours "
                          f"{_num(c['ours_clamd_cpu_ms'])}, peer {_num(c['peer_clamd_cpu_ms'])}")
         if c["pair"] == "dmarc":
-            extra.append(f"dmarc s={c['sessions']}: bench (DNS server) cpu ms/msg ours "
+            extra.append(f"dmarc s={c['sessions']}: DNS queries per message ours "
+                         f"{_num(c['ours_dns_queries'])}, peer {_num(c['peer_dns_queries'])}; "
+                         f"bench process (DNS server) cpu ms/msg ours "
                          f"{_num(c['ours_bench_cpu_ms'])}, peer {_num(c['peer_bench_cpu_ms'])}")
     bad = [f"{c['setup']} s={c['sessions']}: codes {c['codes']}, errors {c['errors'][:2]}"
            for c in result["cases"] if c["unexpected"] or c["error_count"]]

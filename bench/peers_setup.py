@@ -236,6 +236,21 @@ def probe_message(domain: str, subject: str) -> bytes:
             "One message through Postfix to see that the milter did its work.\r\n").encode()
 
 
+def postfix_params(instance: PostfixInstance, discard: bool) -> dict[str, str]:
+    """main.cf settings of every set-up. Postfix opens a milter dialogue for the
+    loopback connection and another after XCLIENT (seen: two milter connections per
+    session); smtpd_milter_maps disables the milters for loopback clients, so each
+    message has one dialogue, for the outside client, as at a real MX. `discard`:
+    accepted mail goes to discard(8) instead of the Maildir."""
+    maps = instance.root / "milter_maps"
+    if not maps.exists():
+        maps.write_text("127.0.0.0/8 DISABLE\n")
+    params = {"smtpd_milter_maps": f"cidr:{maps}"}
+    if discard:
+        params["virtual_transport"] = "discard"
+    return params
+
+
 class ProbeFailed(RuntimeError):
     """A milter behind Postfix did not really evaluate: its numbers would mean nothing."""
 
@@ -256,7 +271,7 @@ def _ours_ar(headers: list[tuple[str, str]]) -> list[str]:
 def probe(side: Side, instance: PostfixInstance, ws: Workspace) -> dict[str, object]:
     """One or two messages through Postfix with only this milter attached (Maildir
     delivery): raises ProbeFailed unless the milter did its work; returns what was seen."""
-    instance.set_milters([side.postfix_spec])
+    instance.set_milters([side.postfix_spec], **postfix_params(instance, discard=False))
     checks: dict[str, Callable[[], dict[str, object]]] = {
         "dmarc": lambda: _probe_dmarc(side, instance),
         "dkim": lambda: _probe_dkim(side, instance, ws),
