@@ -110,6 +110,7 @@ class SenderResult:
     codes: dict[str, int] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    cpu_s: float = 0.0
 
 
 def send_one(port: int, route: Route, wire: Wire) -> tuple[int, float]:
@@ -150,6 +151,7 @@ def _sender(index: int, port: int, route: Route, wires: Sequence[Wire], count: i
     barrier.wait()
     started = time.monotonic()
     deadline = started + max_seconds
+    cpu0 = common.own_cpu_seconds()
     for n in range(count):
         if time.monotonic() >= deadline:
             break
@@ -162,6 +164,7 @@ def _sender(index: int, port: int, route: Route, wires: Sequence[Wire], count: i
         if code == 250:
             res.accept_ms.append(accept_ms)
     res.wall_s = time.monotonic() - started
+    res.cpu_s = common.own_cpu_seconds() - cpu0
     results.put(res)
 
 
@@ -242,6 +245,7 @@ def run_case(instance: PostfixInstance, setup: SetUp, sessions: int, count: int,
     cpu = {k: common.tree_cpu_seconds(pid) - before[k] for k, pid in roots.items()}
     cpu["bench"] = common.own_cpu_seconds() - before["bench"]
     queries = dns_queries() - before["dns"]
+    cpu["senders"] = sum(r.cpu_s for r in collected)
     busy = max(r.wall_s for r in collected)
     accept = [v for r in collected for v in r.accept_ms]
     codes: dict[str, int] = {}
@@ -295,6 +299,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="concurrent SMTP sessions")
     p.add_argument("--count", type=int, default=600, help="messages per case (at most)")
+    p.add_argument("--min-per-session", type=int, default=16,
+                   help="at least this many messages per session in a case (64 sessions: "
+                        "1024), so that the start and end of the senders weigh little")
     p.add_argument("--max-seconds", type=float, default=15.0,
                    help="a case stops sending after this long (the stalling peers manage "
                         "about 11 msgs/s at 1 session)")
@@ -329,6 +336,7 @@ def start_sides(factory: ProcessFactory, ws: Workspace, args: argparse.Namespace
 def run(args: argparse.Namespace) -> dict[str, Any]:
     result = common.new_result("peers", settings={
         "sessions": args.sessions, "count": args.count, "max_seconds": args.max_seconds,
+        "min_per_session": args.min_per_session,
         "warmup": args.warmup, "workers": args.workers or "default",
         "log_level": args.log_level, "discovery": args.discovery, "delivery": "discard",
         "one_message_per_smtp_session": True}, probes={}, cases=[])
@@ -352,7 +360,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                              wires["dmarc" if s.pair == "dmarc" else "plain"]) for s in sides]
             for n in args.sessions:
                 for setup in setups:
-                    case = run_case(instance, setup, n, args.count, args.max_seconds,
+                    count = max(args.count, args.min_per_session * n)
+                    case = run_case(instance, setup, n, count, args.max_seconds,
                                     args.warmup, clamd.process.pid, lambda: front.queries)
                     result["cases"].append(case)
                     print(f"  {setup.name:<22} sessions={n:<3} {case['msgs_per_s']:7.1f} "
@@ -396,6 +405,7 @@ def comparison(cases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
         out.append({
             "pair": pair, "peer": peer["side"], "sessions": n,
+            "ours_messages": ours["messages"], "peer_messages": peer["messages"],
             "ours_msgs_per_s": ours["msgs_per_s"], "peer_msgs_per_s": peer["msgs_per_s"],
             "msgs_ratio": round(ours["msgs_per_s"] / peer["msgs_per_s"], 2)
             if peer["msgs_per_s"] else None,
@@ -430,8 +440,9 @@ def table(result: dict[str, Any]) -> str:
     head = ["filter", "peer", "sess", "ours msg/s", "peer msg/s", "ours/peer",
             "p50 added ours", "peer", "filter cpu ms ours", "peer", "ours/peer",
             "postfix cpu ms ours / peer / alone"]
-    alone = [[c["route"], c["sessions"], c["msgs_per_s"], c["accept_ms"].get("p50"),
-              c["cpu_ms_per_msg"].get("postfix")]
+    alone = [[c["route"], c["sessions"], c["messages"], c["msgs_per_s"],
+              c["accept_ms"].get("p50"), c["cpu_ms_per_msg"].get("postfix"),
+              c["cpu_ms_per_msg"].get("senders")]
              for c in result["cases"] if c["side"] == "none"]
     extra = []
     for c in result["comparison"]:
@@ -445,14 +456,16 @@ def table(result: dict[str, Any]) -> str:
                          f"{_num(c['ours_bench_cpu_ms'])}, peer {_num(c['peer_bench_cpu_ms'])}")
     bad = [f"{c['setup']} s={c['sessions']}: codes {c['codes']}, errors {c['errors'][:2]}"
            for c in result["cases"] if c["unexpected"] or c["error_count"]]
+    bad += [f"{name}: {log['tracebacks']} traceback(s) in its output"
+            for name, log in result.get("filter_logs", {}).items() if log["tracebacks"]]
     return "\n".join([
         "peers through a private Postfix: one ~2.3 KB message per SMTP session (XCLIENT), "
         "delivery to discard; p50 added = accept p50 minus Postfix alone's; CPU ms per "
         "message of each process tree (reaped children included)",
         common.format_table(head, rows), "",
         "Postfix alone:",
-        common.format_table(["route", "sess", "msg/s", "accept p50 ms", "postfix cpu ms"],
-                            alone),
+        common.format_table(["route", "sess", "msgs", "msg/s", "accept p50 ms",
+                             "postfix cpu ms", "senders cpu ms"], alone),
         *(["", *extra] if extra else []),
         *(["", "UNEXPECTED:", *bad] if bad else []),
     ])
@@ -478,7 +491,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     path = common.write_results("peers", result, args.out)
     print(table(result))
     print(f"\nresults: {path}")
-    clean = not any(c["unexpected"] or c["error_count"] for c in result["cases"])
+    clean = not any(c["unexpected"] or c["error_count"] for c in result["cases"]) and not any(
+        log["tracebacks"] for log in result["filter_logs"].values())
     return 0 if clean else 1
 
 
