@@ -386,43 +386,47 @@ def _log_summary(side: Side) -> dict[str, Any]:
 def comparison(cases: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per pair and session count: ours against the peer, each against Postfix alone."""
     alone = {(c["route"], c["sessions"]): c for c in cases if c["side"] == "none"}
-    by = {(c["pair"], c["side"] == "ours", c["sessions"]): c for c in cases if c["pair"]}
+    ours = {(c["pair"], c["sessions"]): c for c in cases if c["side"] == "ours"}
+    peers = {(c["pair"], c["sessions"]): c for c in cases
+             if c["pair"] and c["side"] != "ours"}
     out = []
-    for (pair, is_ours, n), ours in sorted(by.items()):
-        peer = next((c for (p, o, m), c in by.items() if p == pair and not o and m == n), None)
-        if not is_ours or peer is None:
-            continue
-        base = alone.get((ours["route"], n))
-
-        def added(c: dict[str, Any], base: dict[str, Any] | None = base) -> float | None:
-            if base is None or "p50" not in c["accept_ms"] or "p50" not in base["accept_ms"]:
-                return None
-            return round(c["accept_ms"]["p50"] - base["accept_ms"]["p50"], 3)
-
-        def cpu(c: dict[str, Any], key: str) -> float | None:
-            value: float | None = c["cpu_ms_per_msg"].get(key)
-            return value
-
-        out.append({
-            "pair": pair, "peer": peer["side"], "sessions": n,
-            "ours_messages": ours["messages"], "peer_messages": peer["messages"],
-            "ours_msgs_per_s": ours["msgs_per_s"], "peer_msgs_per_s": peer["msgs_per_s"],
-            "msgs_ratio": round(ours["msgs_per_s"] / peer["msgs_per_s"], 2)
-            if peer["msgs_per_s"] else None,
+    for pair, n in sorted(ours.keys() & peers.keys(), key=lambda k: (PAIRS.index(k[0]), k[1])):
+        mine, theirs = ours[(pair, n)], peers[(pair, n)]
+        base = alone.get((mine["route"], n))
+        row: dict[str, Any] = {
+            "pair": pair, "peer": theirs["side"], "sessions": n,
+            "msgs_ratio": _ratio(mine["msgs_per_s"], theirs["msgs_per_s"]),
+            "cpu_ratio": _ratio(_cpu(mine, "filter"), _cpu(theirs, "filter")),
             "alone_msgs_per_s": base["msgs_per_s"] if base else None,
-            "ours_p50_added_ms": added(ours), "peer_p50_added_ms": added(peer),
-            "ours_filter_cpu_ms": cpu(ours, "filter"), "peer_filter_cpu_ms": cpu(peer, "filter"),
-            "cpu_ratio": round(cpu(ours, "filter") / cpu(peer, "filter"), 2)  # type: ignore[operator]
-            if cpu(peer, "filter") and cpu(ours, "filter") is not None else None,
-            "ours_postfix_cpu_ms": cpu(ours, "postfix"),
-            "peer_postfix_cpu_ms": cpu(peer, "postfix"),
-            "alone_postfix_cpu_ms": cpu(base, "postfix") if base else None,
-            "ours_clamd_cpu_ms": cpu(ours, "clamd"), "peer_clamd_cpu_ms": cpu(peer, "clamd"),
-            "ours_bench_cpu_ms": cpu(ours, "bench"), "peer_bench_cpu_ms": cpu(peer, "bench"),
-            "ours_dns_queries": ours["dns_queries_per_msg"],
-            "peer_dns_queries": peer["dns_queries_per_msg"],
-        })
+            "alone_postfix_cpu_ms": _cpu(base, "postfix"),
+        }
+        for side, c in (("ours", mine), ("peer", theirs)):
+            row.update({
+                f"{side}_messages": c["messages"], f"{side}_msgs_per_s": c["msgs_per_s"],
+                f"{side}_p50_added_ms": _p50_added(c, base),
+                f"{side}_filter_cpu_ms": _cpu(c, "filter"),
+                f"{side}_postfix_cpu_ms": _cpu(c, "postfix"),
+                f"{side}_clamd_cpu_ms": _cpu(c, "clamd"),
+                f"{side}_bench_cpu_ms": _cpu(c, "bench"),
+                f"{side}_dns_queries": c["dns_queries_per_msg"],
+            })
+        out.append(row)
     return out
+
+
+def _cpu(case: dict[str, Any] | None, key: str) -> float | None:
+    value = case["cpu_ms_per_msg"].get(key) if case else None
+    return None if value is None else float(value)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a is not None and b else None
+
+
+def _p50_added(case: dict[str, Any], base: dict[str, Any] | None) -> float | None:
+    if base is None or "p50" not in case["accept_ms"] or "p50" not in base["accept_ms"]:
+        return None
+    return round(case["accept_ms"]["p50"] - base["accept_ms"]["p50"], 3)
 
 
 def table(result: dict[str, Any]) -> str:
