@@ -240,12 +240,18 @@ def postfix_params(instance: PostfixInstance, discard: bool) -> dict[str, str]:
     """main.cf settings of every set-up. Postfix opens a milter dialogue for the
     loopback connection and another after XCLIENT (seen: two milter connections per
     session); smtpd_milter_maps disables the milters for loopback clients, so each
-    message has one dialogue, for the outside client, as at a real MX. `discard`:
+    message has one dialogue, for the outside client, as at a real MX; no limit of
+    concurrent sessions per client. `discard`:
     accepted mail goes to discard(8) instead of the Maildir."""
     maps = instance.root / "milter_maps"
     if not maps.exists():
         maps.write_text("127.0.0.0/8 DISABLE\n")
-    params = {"smtpd_milter_maps": f"cidr:{maps}"}
+    params = {"smtpd_milter_maps": f"cidr:{maps}",
+              # After XCLIENT anvil counts the sessions against the outside address,
+              # which is not in mynetworks: its default limit of 50 concurrent
+              # connections per client closed a quarter of the sessions at 64. A real
+              # MX gets its sessions from many clients.
+              "smtpd_client_connection_count_limit": "0"}
     if discard:
         params["virtual_transport"] = "discard"
     return params
