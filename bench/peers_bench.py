@@ -22,7 +22,7 @@ included) of the milter's process tree, of Postfix's (the master's tree: smtpd,
 cleanup, qmgr, discard), of clamd, and of the bench process (whose threads are the
 DNS server OpenDMARC queries).
 
-    python -m bench.peers_bench                           # root; ~5 minutes
+    python -m bench.peers_bench                           # root; ~3 minutes
     python -m bench.peers_bench --count 100 --sessions 1 4 --pair dmarc
 
 Writes bench/results/peers-TIMESTAMP.json and prints the table; exits 1 when a
