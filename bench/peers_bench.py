@@ -314,6 +314,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="our filters' log level (info, the default, logs a line a message)")
     p.add_argument("--discovery", choices=("treewalk", "psl"), default="treewalk",
                    help="our dmarc's policy discovery (OpenDMARC uses the PSL)")
+    p.add_argument("--milter-core", choices=("libmilter", "python"), default="libmilter",
+                   help="[global] milter_core of our filters")
     p.add_argument("--out", type=Path, help="JSON file (default: bench/results/...)")
     return p.parse_args(argv)
 
@@ -322,13 +324,15 @@ def start_sides(factory: ProcessFactory, ws: Workspace, args: argparse.Namespace
                 clamd: Any) -> list[Side]:
     sides: list[Side] = []
     if "dmarc" in args.pair:
-        sides += [start_ours_dmarc(factory, ws, args.workers, args.log_level, args.discovery),
+        sides += [start_ours_dmarc(factory, ws, args.workers, args.log_level, args.discovery,
+                                   args.milter_core),
                   start_opendmarc(factory, ws)]
     if "dkim" in args.pair:
-        sides += [start_ours_dkim(factory, ws, args.workers, args.log_level),
+        sides += [start_ours_dkim(factory, ws, args.workers, args.log_level, args.milter_core),
                   start_opendkim(factory, ws)]
     if "clamav" in args.pair:
-        sides += [start_ours_clamav(factory, ws, args.workers, args.log_level, clamd),
+        sides += [start_ours_clamav(factory, ws, args.workers, args.log_level, clamd,
+                                    args.milter_core),
                   start_clamav_milter(factory, ws, clamd)]
     return sides
 
@@ -338,7 +342,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "sessions": args.sessions, "count": args.count, "max_seconds": args.max_seconds,
         "min_per_session": args.min_per_session,
         "warmup": args.warmup, "workers": args.workers or "default",
-        "log_level": args.log_level, "discovery": args.discovery, "delivery": "discard",
+        "log_level": args.log_level, "discovery": args.discovery,
+        "milter_core": args.milter_core, "delivery": "discard",
         "one_message_per_smtp_session": True}, probes={}, cases=[])
     wires = {"dmarc": dmarc_wires(), "plain": plain_wires()}
     ws = make_workspace()

@@ -115,12 +115,13 @@ def remove_workspace(ws: Workspace) -> None:
 
 
 def _ours(factory: ProcessFactory, ws: Workspace, pair: str, body: str, workers: int,
-          log_level: str) -> Side:
+          log_level: str, core: str = "libmilter") -> Side:
     port = free_port()
     cfg = ws.root / f"ours-{pair}.toml"
     workers_line = f"workers = {workers}\n" if workers else ""  # 0: the filter's default
     cfg.write_text(
         f'[global]\nauthserv_id = "{AUTHSERV}"\nlog_level = "{log_level}"\n'
+        f'milter_core = "{core}"\n'
         f'[global.dns]\nnameservers = ["{DNS53}"]\nport = 53\n'
         f'[{pair}]\nsocket = "inet:{port}@127.0.0.1"\n{workers_line}{body}'
         # Alone, as each peer is: no neighbour decides where it signs or whose AR it trusts.
@@ -130,7 +131,7 @@ def _ours(factory: ProcessFactory, ws: Workspace, pair: str, body: str, workers:
 
 
 def start_ours_dmarc(factory: ProcessFactory, ws: Workspace, workers: int,
-                     log_level: str, discovery: str) -> Side:
+                     log_level: str, discovery: str, core: str = "libmilter") -> Side:
     return _ours(factory, ws, "dmarc", (
         f'trusted_authserv_ids = ["{UPSTREAM}"]\n'
         # Like OpenDMARC's SPFSelfValidate false: the upstream results are all it uses.
@@ -138,23 +139,23 @@ def start_ours_dmarc(factory: ProcessFactory, ws: Workspace, workers: int,
         f'discovery = "{discovery}"\n'
         # Like RejectFailures false: both only write their verdict.
         'reject_failures = false\non_quarantine = "accept"\n'
-        f'history = "{ws.root}/ours-dmarc-history.sqlite"\n'), workers, log_level)
+        f'history = "{ws.root}/ours-dmarc-history.sqlite"\n'), workers, log_level, core)
 
 
 def start_ours_dkim(factory: ProcessFactory, ws: Workspace, workers: int,
-                    log_level: str) -> Side:
+                    log_level: str, core: str = "libmilter") -> Side:
     return _ours(factory, ws, "dkim", (
         "sign = true\nverify = false\n"  # OpenDKIM Mode s
         f'key_table = "{ws.root}/KeyTable"\nsigning_table = "{ws.root}/SigningTable"\n'
         'canonicalization = "relaxed/relaxed"\nsign_daemons = ["ORIGINATING"]\n'),
-        workers, log_level)
+        workers, log_level, core)
 
 
 def start_ours_clamav(factory: ProcessFactory, ws: Workspace, workers: int,
-                      log_level: str, clamd: Clamd) -> Side:
+                      log_level: str, clamd: Clamd, core: str = "libmilter") -> Side:
     return _ours(factory, ws, "clamav", (
         f'clamd_sockets = ["{clamd.tcp}"]\non_virus = "reject"\non_fail = "tempfail"\n'
-        'add_headers = "replace"\n'), workers, log_level)
+        'add_headers = "replace"\n'), workers, log_level, core)
 
 
 # --- the peers ---------------------------------------------------------------------------
