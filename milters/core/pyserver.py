@@ -236,11 +236,17 @@ class Connection:
             ctx.state = _ST_CONN
             host, family, hostaddr = _connect_args(data)
             name = self._decoded(host, session)
-            self._send(CONTINUE if name is None else session.connect(name, family, hostaddr))
+            if name is None:
+                self._skipped(protocol.ProtocolFlag.NR_CONN)
+            else:
+                self._send(session.connect(name, family, hostaddr))
         elif cmd == protocol.SMFIC_HELO:
             ctx.state = _ST_HELO
             helo = self._decoded(data.split(b"\0", 1)[0], session)
-            self._send(CONTINUE if helo is None else session.hello(helo))
+            if helo is None:
+                self._skipped(protocol.ProtocolFlag.NR_HELO)
+            else:
+                self._send(session.hello(helo))
         elif cmd == protocol.SMFIC_MAIL:
             ctx.state = _ST_MAIL
             self.in_transaction = True
@@ -257,8 +263,8 @@ class Connection:
             name = self._decoded(raw_name, session)
             if name is not None:
                 self._send(session.header(name, rest.rsplit(b"\0", 1)[0]))
-            elif not self.protocol & int(protocol.ProtocolFlag.NR_HDR):
-                self._send(CONTINUE)
+            else:
+                self._skipped(protocol.ProtocolFlag.NR_HDR)
         elif cmd == protocol.SMFIC_EOH:
             self._send(session.eoh())
         elif cmd == protocol.SMFIC_BODY:
@@ -282,6 +288,12 @@ class Connection:
         else:
             raise ConnectionClosed(f"unknown command {cmd!r}")
         return True
+
+    def _skipped(self, no_reply: protocol.ProtocolFlag) -> None:
+        """A callback pymilter could not call: CONTINUE, as its exception policy
+        answers, unless that step was negotiated to take no reply at all."""
+        if not self.protocol & int(no_reply):
+            self._send(CONTINUE)
 
     def _decoded(self, raw: bytes, session: Session) -> str | None:
         """`raw` as pymilter would give it (strict UTF-8). When it is not, pymilter
