@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 _HEAD = struct.Struct(">I")
 _OPTNEG = struct.Struct(">III")
 _INDEX = struct.Struct(">I")
+_TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
 # Packets larger than this are not from an MTA (Postfix sends a header field whole,
 # up to header_size_limit, 100 KB by default; body chunks are 64 KB).
 MAX_PACKET = 1024 * 1024
@@ -81,6 +82,9 @@ class Context:
         # Macro packets by the command they precede, parsed only when read: most
         # are never read (the adapter reads at connect, MAIL and end of message).
         self.macros: dict[bytes, bytes] = {}
+        # The adapter reads the macros several times a message (connect, MAIL,
+        # end of message, each log line); parsed once per new macro packet.
+        self.parsed: Macros | None = None
         self.state = 0
         self._priv: Any = None
 
@@ -134,6 +138,11 @@ class Context:
     # -- for the macro reader ----------------------------------------------------
 
     def read_macros(self) -> Macros:
+        if self.parsed is None:
+            self.parsed = self._parse_macros()
+        return self.parsed
+
+    def _parse_macros(self) -> Macros:
         values: dict[str, str] = {}
         odd: list[str] = []
         for stage, data in self.macros.items():  # sent in stage order; later wins
@@ -175,7 +184,10 @@ class Connection:
         self.in_transaction = False  # between MAIL and end of message or abort
 
     def serve(self) -> None:
-        self.sock.settimeout(self.timeout)
+        # The kernel's timeouts, not settimeout(): with settimeout() Python polls
+        # before every recv and send (a third of this loop's system calls); a
+        # blocking socket with SO_RCVTIMEO fails the same read after the same time.
+        _kernel_timeouts(self.sock, self.timeout)
         try:
             while True:
                 cmd, data = self._read()
@@ -311,6 +323,7 @@ class Connection:
         stage = data[:1]
         self.ctx.macros.pop(stage, None)  # a resent stage moves to the end
         self.ctx.macros[stage] = data[1:]
+        self.ctx.parsed = None
 
     def _negotiate(self, data: bytes) -> bool:
         if len(data) < 12:
@@ -334,6 +347,13 @@ class Connection:
             session, self.session = self.session, None
             session.close()
             session._setctx(None)
+
+
+def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    whole = int(seconds)
+    timeval = _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 def _args(data: bytes) -> list[bytes]:

@@ -6,9 +6,13 @@ port. Answers are cached by dnspython's thread-safe cache (libmilter calls from
 many threads), with a plain dictionary of positive answers in front of it: the
 same few names (a sender's SPF record, its DMARC record, a signer's key) are asked
 for several times per message, and dnspython's resolve() costs about 60 us even
-when it answers from its cache. Timeouts and server failures are TempError, a name that does not
-exist, has no such record or cannot be a DNS name at all is an empty answer, so
-callers can map them to the RFC results (temperror versus none/permerror).
+when it answers from its cache (more for a cached NXDOMAIN, which it raises anew
+each time). Negative answers are kept for the TTL dnspython gives them (RFC 2308:
+the SOA's, or its 300 s default without one), so the dictionary answers exactly
+as dnspython's cache would, only cheaper. Timeouts and server failures are
+TempError, a name that does not exist, has no such record or cannot be a DNS name
+at all is an empty answer, so callers can map them to the RFC results (temperror
+versus none/permerror).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import time
 
 import dns.exception
+import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -43,9 +48,9 @@ class Resolver:
         r.cache = dns.resolver.Cache()  # its own lock: shared by every thread
         self._resolver = r
         self.settings = settings
-        # (name, rdtype) -> (expires, records) for positive answers only, so what
-        # does not exist (or failed) is asked again as before. A dict's get and
-        # set are atomic under the GIL; a stale read only costs one more lookup.
+        # (name, rdtype) -> (expires, records); [] for a name or type that does not
+        # exist. Failures are not kept: they are asked again. A dict's get and set
+        # are atomic under the GIL; a stale read only costs one more lookup.
         self._answers: dict[tuple[str, str], tuple[float, list[dns.rdata.Rdata]]] = {}
 
     @property
@@ -61,7 +66,11 @@ class Resolver:
             return list(hit[1])
         try:
             answer = self._resolver.resolve(name, rdtype, search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        except dns.resolver.NXDOMAIN as exc:
+            self._keep(key, _negative_expiry(list(exc.responses().values())), [])
+            return []
+        except dns.resolver.NoAnswer as exc:
+            self._keep(key, _negative_expiry([exc.response()]), [])
             return []
         except dns.resolver.NoNameservers as exc:
             raise TempError(f"DNS {rdtype} {name}: no server answered ({exc})") from None
@@ -77,11 +86,16 @@ class Resolver:
         except dns.exception.DNSException as exc:
             raise TempError(f"DNS {rdtype} {name}: {type(exc).__name__}: {exc}") from None
         records = list(answer)
-        if records:
-            if len(self._answers) >= MAX_CACHED_ANSWERS:
-                self._answers.clear()  # crude but bounded; dnspython's cache remains
-            self._answers[key] = (answer.expiration, records)
+        self._keep(key, answer.expiration, records)
         return records
+
+    def _keep(self, key: tuple[str, str], expires: float | None,
+              records: list[dns.rdata.Rdata]) -> None:
+        if expires is None:
+            return
+        if len(self._answers) >= MAX_CACHED_ANSWERS:
+            self._answers.clear()  # crude but bounded; dnspython's cache remains
+        self._answers[key] = (expires, records)
 
     def txt(self, name: str) -> list[bytes]:
         """Each TXT record at `name`, its strings joined (RFC 7208 §3.3, RFC 6376 §3.6.2.2)."""
@@ -96,3 +110,14 @@ class Resolver:
         text = name.decode("ascii", "replace") if isinstance(name, bytes) else name
         records = self.txt(text.rstrip("."))
         return records[0] if records else None
+
+
+def _negative_expiry(responses: list[dns.message.Message]) -> float | None:
+    """When a negative answer stops being valid: the TTL dnspython's own cache
+    gives it (RFC 2308 §5: the SOA's TTL capped by its MINIMUM field). None when
+    the response is not there to tell (it is then not kept)."""
+    try:
+        ttl = min(r.resolve_chaining().minimum_ttl for r in responses)
+    except (ValueError, dns.exception.DNSException, AttributeError, KeyError):
+        return None
+    return time.time() + ttl if ttl > 0 else None

@@ -104,3 +104,45 @@ def test_macro_packets_are_kept_by_stage() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_silent_mta_is_timed_out_by_the_kernel() -> None:
+    """The read timeout is the socket's SO_RCVTIMEO: a connection on which the MTA
+    says nothing ends after it, and the socket is closed."""
+    import threading
+
+    from milters.core.adapter import Session
+    from milters.core.pyserver import Connection
+
+    a, b = socket.socketpair()
+    try:
+        conn = Connection(a, Session, 0.2)
+        server = threading.Thread(target=conn.serve)
+        server.start()
+        server.join(30)
+        assert not server.is_alive()
+        assert a.fileno() == -1  # closed by serve()
+        assert b.recv(10) == b""  # the MTA side sees the close
+    finally:
+        a.close()
+        b.close()
+
+
+def test_macros_are_parsed_again_only_after_a_new_packet() -> None:
+    ctx = Context()
+    ctx.macros[b"C"] = b"j\0mx.example\0"
+    first = ctx.read_macros()
+    assert ctx.read_macros() is first
+    from milters.core.adapter import Session
+    from milters.core.pyserver import Connection
+
+    a, b = socket.socketpair()
+    try:
+        conn = Connection(a, Session, 5.0)
+        conn.ctx = ctx
+        conn._macro(b"M{mail_addr}\0a@example.com\0")
+        assert ctx.read_macros() is not first
+        assert ctx.read_macros().get("{mail_addr}") == "a@example.com"
+    finally:
+        a.close()
+        b.close()

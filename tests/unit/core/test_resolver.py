@@ -102,3 +102,22 @@ def test_a_failure_is_not_remembered(dns: LoopbackDNS, resolver: Resolver) -> No
     dns.set_fail(False)
     dns.txt("failing.example", "fine")
     assert resolver.txt("failing.example") == [b"fine"]
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["nxdomain", "no-such-type"])
+def test_a_negative_answer_is_kept_as_long_as_dnspython_keeps_it(
+        dns: LoopbackDNS, resolver: Resolver, monkeypatch: pytest.MonkeyPatch,
+        exists: bool) -> None:
+    if exists:
+        dns.a("negative.example", "192.0.2.1")  # the name exists, without TXT
+    assert resolver.txt("negative.example") == []
+    asked = len(dns.resolver.queries)
+    dns.txt("negative.example", "v=DMARC1; p=none")
+    # Within the negative TTL (the test server sends no SOA: dnspython's 300 s)
+    # the answer comes from memory, as it would from dnspython's cache.
+    assert resolver.txt("negative.example") == []
+    assert len(dns.resolver.queries) == asked
+    later = time.time() + 301
+    monkeypatch.setattr("milters.core.resolver.time.time", lambda: later)
+    assert resolver.txt("negative.example") == [b"v=DMARC1; p=none"]
+    assert len(dns.resolver.queries) == asked + 1
