@@ -18,9 +18,9 @@ versus none/permerror).
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import dns.exception
-import dns.message
 import dns.name
 import dns.rdatatype
 import dns.resolver
@@ -67,10 +67,10 @@ class Resolver:
         try:
             answer = self._resolver.resolve(name, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:
-            self._keep(key, _negative_expiry(list(exc.responses().values())), [])
+            self._keep(key, _negative_expiry(list(exc.kwargs.get("responses", {}).values())), [])
             return []
         except dns.resolver.NoAnswer as exc:
-            self._keep(key, _negative_expiry([exc.response()]), [])
+            self._keep(key, _negative_expiry([exc.kwargs.get("response")]), [])
             return []
         except dns.resolver.NoNameservers as exc:
             raise TempError(f"DNS {rdtype} {name}: no server answered ({exc})") from None
@@ -112,7 +112,7 @@ class Resolver:
         return records[0] if records else None
 
 
-def _negative_expiry(responses: list[dns.message.Message]) -> float | None:
+def _negative_expiry(responses: list[Any]) -> float | None:
     """When a negative answer stops being valid: the TTL dnspython's own cache
     gives it (RFC 2308 §5: the SOA's TTL capped by its MINIMUM field). None when
     the response is not there to tell (it is then not kept)."""
