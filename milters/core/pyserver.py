@@ -83,7 +83,9 @@ class Context:
         # are never read (the adapter reads at connect, MAIL and end of message).
         self.macros: dict[bytes, bytes] = {}
         # The adapter reads the macros several times a message (connect, MAIL,
-        # end of message, each log line); parsed once per new macro packet.
+        # end of message, each log line): each packet is parsed once, and the
+        # merged view is made again only after a new packet.
+        self._stages: dict[bytes, tuple[dict[str, str], bool]] = {}
         self.parsed: Macros | None = None
         self.state = 0
         self._priv: Any = None
@@ -137,25 +139,36 @@ class Context:
 
     # -- for the macro reader ----------------------------------------------------
 
+    def new_packet(self, stage: bytes) -> None:
+        self._stages.pop(stage, None)
+        self.parsed = None
+
     def read_macros(self) -> Macros:
         if self.parsed is None:
-            self.parsed = self._parse_macros()
+            values: dict[str, str] = {}
+            odd: list[str] = []
+            for stage, data in self.macros.items():  # sent in stage order; later wins
+                pairs = self._stages.get(stage)
+                if pairs is None:
+                    pairs = self._stages[stage] = _parse_stage(data)
+                if pairs[1]:
+                    odd.append(stage.decode("ascii", "replace"))
+                values.update(pairs[0])
+            self.parsed = Macros(values, tuple(odd))
         return self.parsed
 
-    def _parse_macros(self) -> Macros:
-        values: dict[str, str] = {}
-        odd: list[str] = []
-        for stage, data in self.macros.items():  # sent in stage order; later wins
-            strings = data.split(b"\0")
-            if strings and strings[-1] == b"":
-                strings.pop()
-            if len(strings) % 2:
-                odd.append(stage.decode("ascii", "replace"))
-                strings.pop()
-            for i in range(0, len(strings), 2):
-                values[normalize(strings[i].decode("utf-8", "surrogateescape"))] = \
-                    strings[i + 1].decode("utf-8", "surrogateescape")
-        return Macros(values, tuple(odd))
+
+def _parse_stage(data: bytes) -> tuple[dict[str, str], bool]:
+    """One stage's macro packet: its values, and whether the list was odd."""
+    strings = data.split(b"\0")
+    if strings and strings[-1] == b"":
+        strings.pop()
+    odd = len(strings) % 2 == 1
+    if odd:
+        strings.pop()
+    return {normalize(strings[i].decode("utf-8", "surrogateescape")):
+            strings[i + 1].decode("utf-8", "surrogateescape")
+            for i in range(0, len(strings), 2)}, odd
 
 
 class ContextMacros:
@@ -323,7 +336,7 @@ class Connection:
         stage = data[:1]
         self.ctx.macros.pop(stage, None)  # a resent stage moves to the end
         self.ctx.macros[stage] = data[1:]
-        self.ctx.parsed = None
+        self.ctx.new_packet(stage)
 
     def _negotiate(self, data: bytes) -> bool:
         if len(data) < 12:
