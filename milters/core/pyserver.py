@@ -19,12 +19,12 @@ pipe) work as they do for libmilter.
 from __future__ import annotations
 
 import logging
-import select
 import socket
 import struct
+import threading
 import time
 import types
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from typing import Any
 
 from milters.core import protocol
@@ -401,42 +401,110 @@ def _connect_args(data: bytes) -> tuple[bytes, int, Any]:
     return host, _FAMILIES[family], (address, port)
 
 
+# A thread blocked in accept() on the shared listener wakes every this many
+# seconds (SO_RCVTIMEO), so that it sees the runner's ListenerGate put a pipe on
+# the listening fd: a drain waits this long before counting open sessions.
+ACCEPT_WAKE_SECONDS = 0.5
+# Idle threads kept waiting in accept() per worker; more are started on demand
+# (up to the connection limit) and the extra ones end once idle again.
+SPARE_THREADS = 4
+
+
+class Acceptors:
+    """Threads that each accept a connection and serve it themselves.
+
+    Each idle thread waits in a blocking accept() on the shared listener. The
+    kernel wakes one waiter per connection (an exclusive wait, across the
+    workers too, which spreads sequential connections over them), and the
+    thread that accepted serves the connection: no hand-off from an accepting
+    thread to a pool, which cost a thread switch and a queue per connection.
+    The last idle thread to accept starts another, so one always waits while
+    there is room under the limit.
+    """
+
+    def __init__(self, listener: socket.socket, serve: Callable[[socket.socket], None],
+                 limit: int, name: str) -> None:
+        self.listener = listener
+        self.serve = serve
+        self.limit = limit
+        self.name = name
+        self._lock = threading.Lock()
+        self._idle = 0
+        self._threads = 0
+        self._saturated = False  # every thread busy, the limit reached (logged once)
+
+    def start(self) -> None:
+        with self._lock:
+            self._spawn()
+
+    def _spawn(self) -> None:
+        """Start one more accepting thread (the lock is held)."""
+        self._threads += 1
+        self._idle += 1
+        threading.Thread(target=self._run, name="milter", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            conn = self._accept()
+            with self._lock:
+                self._idle -= 1
+                if self._idle == 0:
+                    if self._threads < self.limit:
+                        self._spawn()
+                    else:
+                        self._saturated = True
+                        # Connections now wait in the listen backlog: say so, as the
+                        # descriptor gate does (held, never negotiated connections
+                        # can do this; the connection limit cannot see them).
+                        log.warning("filter %s: all %d connection threads busy; not "
+                                    "accepting connections until one ends (held "
+                                    "connections? see max_connections)",
+                                    self.name, self._threads)
+            self.serve(conn)  # Connection.serve logs its own errors and never raises
+            with self._lock:
+                if self._saturated:
+                    self._saturated = False
+                    log.info("filter %s: a connection thread is free; accepting "
+                             "connections again", self.name)
+                if self._idle >= SPARE_THREADS:
+                    self._threads -= 1
+                    return
+                self._idle += 1
+
+    def _accept(self) -> socket.socket:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # woke for the gate (ACCEPT_WAKE_SECONDS), or a signal
+            except OSError as exc:
+                # Out of descriptors (EMFILE), or the gate's pipe on the fd
+                # (ENOTSOCK) while paused or retired: do not spin on it.
+                log.debug("filter %s: accept failed: %s", self.name, exc)
+                time.sleep(0.1)
+                continue
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return conn
+
+
 def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: int,
                   listen_fd: int) -> None:
     """Accept on the worker's listening fd (by its number: see the module docstring)
-    and serve each MTA connection in a thread of its own."""
+    and serve each MTA connection in the thread that accepted it."""
     timeout = float(runtime.config.filters[runtime.filter.name].timeout)
     klass = adapter_class(runtime, sessions, ContextMacros(), max_connections)
-    # Threads are kept for the next connection (starting one per connection was a
-    # tenth of the core's time); room beyond max_connections so that the session
-    # over the limit is answered 451 by the adapter, not left waiting for a thread.
-    pool = ThreadPoolExecutor(max_workers=max_connections + 16, thread_name_prefix="milter")
     listener = socket.socket(fileno=listen_fd)
-    listener.setblocking(False)
-    poller = select.poll()
-    poller.register(listen_fd, select.POLLIN)
+    listener.setblocking(True)
+    _kernel_timeouts(listener, ACCEPT_WAKE_SECONDS)
+
+    def serve(conn: socket.socket) -> None:
+        Connection(conn, klass, timeout).serve()
+
+    # Room beyond max_connections so that the session over the limit is answered
+    # 451 by the adapter, not left waiting for a thread.
+    Acceptors(listener, serve, max_connections + 16, runtime.filter.name).start()
     try:
-        while True:
-            if not poller.poll(1000):
-                continue
-            try:
-                conn, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                continue  # another worker took it
-            except OSError as exc:
-                # Out of descriptors (EMFILE) and the like: the runner's descriptor
-                # watch pauses this listener; meanwhile do not spin on it.
-                log.debug("filter %s: accept failed: %s", runtime.filter.name, exc)
-                time.sleep(0.1)
-                continue
-            conn.setblocking(True)
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                pool.submit(Connection(conn, klass, timeout).serve)
-            except RuntimeError as exc:  # no thread to be had: the MTA retries
-                log.warning("filter %s: cannot serve a connection: %s",
-                            runtime.filter.name, exc)
-                conn.close()
+        threading.Event().wait()  # the threads serve; a drain or stop ends the process
     finally:
         listener.detach()  # the fd belongs to the runner (ListenerGate)

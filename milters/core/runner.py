@@ -220,6 +220,11 @@ def _drain_on_request(runtime: Runtime, sessions: SessionCounter, gate: Listener
     signal.sigwait({DRAIN_SIGNAL})
     name = runtime.filter.name
     gate.retire()
+    if runtime.config.global_.milter_core == "python":
+        # Its threads may sit in an accept() begun before the pipe went on the fd;
+        # they wake within ACCEPT_WAKE_SECONDS, and a connection one of them took
+        # is a session (negotiated at once) by the time it is counted below.
+        time.sleep(pyserver.ACCEPT_WAKE_SECONDS + 0.2)
     open_now = sessions.open
     if open_now:
         log.info("filter %s: draining %d open session(s)", name, open_now)
