@@ -33,7 +33,7 @@ class LineFormatter(logging.Formatter):
 def setup_logging(level: str = "info") -> None:
     # Nothing we print uses the caller's file, line or thread: not looking them up
     # saves a walk of the stack per line (the logging HOWTO's "Optimization").
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(LineFormatter())
