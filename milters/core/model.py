@@ -151,12 +151,14 @@ class Transaction:
 
     def raw_header_block(self) -> bytes:
         """The header as it would be on the wire, CRLF line ends."""
-        out = bytearray()
+        out = []
         for h in self.headers:
-            value = h.value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            value = h.value
+            if b"\n" in value:  # folded: its line ends as CRLF (most fields are not)
+                value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
             sep = b":" if value[:1] in (b" ", b"\t") else b": "
-            out += h.name.encode("utf-8", "surrogateescape") + sep + value + b"\r\n"
-        return bytes(out)
+            out.append(h.name.encode("utf-8", "surrogateescape") + sep + value + b"\r\n")
+        return b"".join(out)
 
     def close(self) -> None:
         self.body.close()

@@ -160,15 +160,15 @@ class Context:
 
 def _parse_stage(data: bytes) -> tuple[dict[str, str], bool]:
     """One stage's macro packet: its values, and whether the list was odd."""
-    strings = data.split(b"\0")
-    if strings and strings[-1] == b"":
+    # Decoded once, then split (the same strings: NUL is one byte in UTF-8 and
+    # surrogateescape maps each undecodable byte on its own).
+    strings = data.decode("utf-8", "surrogateescape").split("\0")
+    if strings and strings[-1] == "":
         strings.pop()
     odd = len(strings) % 2 == 1
     if odd:
         strings.pop()
-    return {normalize(strings[i].decode("utf-8", "surrogateescape")):
-            strings[i + 1].decode("utf-8", "surrogateescape")
-            for i in range(0, len(strings), 2)}, odd
+    return dict(zip(map(normalize, strings[0::2]), strings[1::2], strict=True)), odd
 
 
 class ContextMacros:
