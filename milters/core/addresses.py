@@ -288,12 +288,41 @@ def _dotted(tokens: list[Token], quoted_ok: bool) -> str:
     return ".".join(parts)
 
 
+# The two shapes nearly every From field has, ASCII only: `local@domain` and
+# `Display Name <local@domain>` with atoms for words and dot-atoms for the address.
+# Read by one regular expression each (the general reader was a twentieth of
+# dmarc's work per message); anything else, even a trailing comment, goes to the
+# reader. The patterns cannot backtrack badly: words are separated by mandatory
+# white space, and a dot-atom's parts by mandatory dots.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_DOT_ATOM = rf"{_ATEXT}(?:\.{_ATEXT})*"
+_FWS = r"[ \t\r\n]*"
+_BARE = re.compile(rf"{_FWS}({_DOT_ATOM})@({_DOT_ATOM}){_FWS}")
+_NAMED = re.compile(
+    rf"{_FWS}((?:{_ATEXT}(?:[ \t\r\n]+{_ATEXT})*)?){_FWS}<({_DOT_ATOM})@({_DOT_ATOM})>{_FWS}")
+
+
+def _simple(text: str) -> AddressList | None:
+    """The field read by the fast path, or None for the general reader."""
+    if (m := _BARE.fullmatch(text)) is not None:
+        display, local, domain = "", m[1], m[2]
+    elif (m := _NAMED.fullmatch(text)) is not None:
+        display, local, domain = " ".join(m[1].split()), m[2], m[3]
+    else:
+        return None
+    if len(local) > MAX_LOCAL or len(domain) > MAX_DOMAIN:
+        return None  # the reader says why
+    return AddressList((Mailbox(display, local, domain),))
+
+
 def parse_address_list(text: str) -> AddressList:
     """The mailboxes of an RFC 5322 address-list (or mailbox-list) field body.
 
     Never raises: a field that is over a bound or breaks the grammar gives an
     AddressList whose `error` says why.
     """
+    if len(text) <= 998 and (simple := _simple(text)) is not None:  # one line's worth
+        return simple
     if len(text) > MAX_CHARS:
         return AddressList(error=f"field longer than {MAX_CHARS} characters")
     try:

@@ -171,3 +171,46 @@ def test_agrees_with_getaddresses(case: tuple[str, list[str], bool]) -> None:
     text, expected, _group = case
     theirs = [a for _, a in email.utils.getaddresses([text]) if a]
     assert addresses(text) == theirs == expected
+
+
+# -- the fast path for the common shapes (addresses._simple) --------------------------
+
+def general_reader(text: str) -> AddressList:
+    from milters.core.addresses import _Parser, _tokens
+
+    return AddressList(tuple(_Parser(_tokens(text)).parse()))
+
+
+@pytest.mark.parametrize("text", [
+    "a@b.example", " Joe Q Public <joe.q@x.example>", "<a@b.example>\r\n",
+    "Joe\r\n\t<joe@x.example>", "a.b.c@d-e.example", "x <y@z.example> ",
+])
+def test_fast_path_takes_the_common_shapes(text: str) -> None:
+    from milters.core.addresses import _simple
+
+    fast = _simple(text)
+    assert fast is not None
+    assert fast == general_reader(text)
+
+
+@pytest.mark.parametrize("text", [
+    "a@b.example (comment)", '"Q" <a@b.example>', "a..b@c.example", "a@b.example.",
+    "J. Doe <a@b.example>", "a@[192.0.2.1]", "a@b.example, c@d.example", "é <a@b.example>",
+    "<@r.example:a@b.example>", "x" * 129 + "@b.example",
+])
+def test_fast_path_leaves_the_rest_to_the_reader(text: str) -> None:
+    from milters.core.addresses import _simple
+
+    assert _simple(text) is None
+
+
+@settings(max_examples=500)
+@given(st.one_of(GRAMMAR_SOUP, mailbox().map(lambda m: m[0]),
+                 st.text(alphabet=ATEXT[:12] + " <>@.\t\r\n", max_size=60)))
+def test_fast_path_agrees_with_the_general_reader(text: str) -> None:
+    """Whatever the fast path reads, the general reader reads the same way."""
+    from milters.core.addresses import _simple
+
+    fast = _simple(text)
+    if fast is not None:
+        assert fast == general_reader(text)
