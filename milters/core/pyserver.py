@@ -404,7 +404,7 @@ def _connect_args(data: bytes) -> tuple[bytes, int, Any]:
 # A thread blocked in accept() on the shared listener wakes every this many
 # seconds (SO_RCVTIMEO), so that it sees the runner's ListenerGate put a pipe on
 # the listening fd: a drain waits this long before counting open sessions.
-ACCEPT_WAKE_SECONDS = 0.5
+ACCEPT_WAKE_SECONDS = 0.25
 # Idle threads kept waiting in accept() per worker; more are started on demand
 # (up to the connection limit) and the extra ones end once idle again.
 SPARE_THREADS = 4

@@ -152,6 +152,10 @@ class ListenerGate:
     def retire(self) -> None:
         with self._lock:
             os.dup2(self._never_readable, self._fd)
+            if not self._retired:
+                # For good: this worker's last hold on the socket goes too, so that a
+                # worker left draining (its runner killed) does not keep the port open.
+                os.close(self._socket)
             self._retired = True
 
 
@@ -224,7 +228,7 @@ def _drain_on_request(runtime: Runtime, sessions: SessionCounter, gate: Listener
         # Its threads may sit in an accept() begun before the pipe went on the fd;
         # they wake within ACCEPT_WAKE_SECONDS, and a connection one of them took
         # is a session (negotiated at once) by the time it is counted below.
-        time.sleep(pyserver.ACCEPT_WAKE_SECONDS + 0.2)
+        time.sleep(pyserver.ACCEPT_WAKE_SECONDS + 0.05)
     open_now = sessions.open
     if open_now:
         log.info("filter %s: draining %d open session(s)", name, open_now)
