@@ -125,9 +125,9 @@ class GlobalSettings:
     )
     mode: Mode = setting("enforce", '"enforce" acts; "report" only logs and tags')
     milter_core: MilterCore = setting(
-        "libmilter",
-        'what speaks the milter protocol: "libmilter" (pymilter) or "python" (our own '
-        "loop, the same adapter; about half the CPU per dialogue, bench/core_eval.py)",
+        "python",
+        'what speaks the milter protocol: "python" (our own loop driving the adapter; '
+        'about half the CPU per dialogue, bench/core_eval.py) or "libmilter" (pymilter)',
     )
     soft_bounce: bool = setting(False, "turn 5xx rejections into 4xx, as Postfix soft_bounce")
     on_error: OnError = setting(
