@@ -314,7 +314,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="our filters' log level (info, the default, logs a line a message)")
     p.add_argument("--discovery", choices=("treewalk", "psl"), default="treewalk",
                    help="our dmarc's policy discovery (OpenDMARC uses the PSL)")
-    p.add_argument("--milter-core", choices=("libmilter", "python"), default="libmilter",
+    p.add_argument("--milter-core", choices=("libmilter", "python"), default="python",
                    help="[global] milter_core of our filters")
     p.add_argument("--out", type=Path, help="JSON file (default: bench/results/...)")
     return p.parse_args(argv)
