@@ -315,6 +315,11 @@ def _simple(text: str) -> AddressList | None:
     return AddressList((Mailbox(display, local, domain),))
 
 
+def _read(text: str) -> AddressList:
+    """The general reader (raises _Unparseable); the fast path must agree with it."""
+    return AddressList(tuple(_Parser(_tokens(text)).parse()))
+
+
 def parse_address_list(text: str) -> AddressList:
     """The mailboxes of an RFC 5322 address-list (or mailbox-list) field body.
 
@@ -326,7 +331,7 @@ def parse_address_list(text: str) -> AddressList:
     if len(text) > MAX_CHARS:
         return AddressList(error=f"field longer than {MAX_CHARS} characters")
     try:
-        return AddressList(tuple(_Parser(_tokens(text)).parse()))
+        return _read(text)
     except _Unparseable as exc:
         return AddressList(error=str(exc))
     except RecursionError:  # pragma: no cover - nothing here recurses; belt and braces

@@ -139,7 +139,14 @@ class Context:
 
     # -- for the macro reader ----------------------------------------------------
 
-    def new_packet(self, stage: bytes) -> None:
+    def add_macros(self, stage: bytes, data: bytes) -> None:
+        """A macro packet for `stage`; a resent stage replaces its values and moves
+        to the end (later stages win). Postfix resends the same packet before each
+        header: that one changes nothing and keeps what was parsed."""
+        if self.macros.get(stage) == data and next(reversed(self.macros)) == stage:
+            return
+        self.macros.pop(stage, None)
+        self.macros[stage] = data
         self._stages.pop(stage, None)
         self.parsed = None
 
@@ -333,10 +340,7 @@ class Connection:
     def _macro(self, data: bytes) -> None:
         if not data:
             raise ConnectionClosed("empty macro packet")
-        stage = data[:1]
-        self.ctx.macros.pop(stage, None)  # a resent stage moves to the end
-        self.ctx.macros[stage] = data[1:]
-        self.ctx.new_packet(stage)
+        self.ctx.add_macros(data[:1], data[1:])
 
     def _negotiate(self, data: bytes) -> bool:
         if len(data) < 12:

@@ -146,3 +146,15 @@ def test_macros_are_parsed_again_only_after_a_new_packet() -> None:
     finally:
         a.close()
         b.close()
+
+
+def test_a_resent_identical_macro_packet_keeps_the_parsed_view() -> None:
+    ctx = Context()
+    ctx.add_macros(b"C", b"j\0mx.example\0")
+    ctx.add_macros(b"L", b"x\0header-stage\0")
+    parsed = ctx.read_macros()
+    ctx.add_macros(b"L", b"x\0header-stage\0")  # as Postfix resends before each header
+    assert ctx.read_macros() is parsed
+    # A resent earlier stage moves to the end: its values now win.
+    ctx.add_macros(b"C", b"x\0connect-stage\0")
+    assert ctx.read_macros().get("x") == "connect-stage"

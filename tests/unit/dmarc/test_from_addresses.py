@@ -176,9 +176,9 @@ def test_agrees_with_getaddresses(case: tuple[str, list[str], bool]) -> None:
 # -- the fast path for the common shapes (addresses._simple) --------------------------
 
 def general_reader(text: str) -> AddressList:
-    from milters.core.addresses import _Parser, _tokens
+    from milters.core.addresses import _read
 
-    return AddressList(tuple(_Parser(_tokens(text)).parse()))
+    return _read(text)
 
 
 @pytest.mark.parametrize("text", [
