@@ -83,6 +83,7 @@ class Session(Milter.Base):  # type: ignore[misc]
     actions: int  # action_flags(runtime), once per class, not per connection
     macro_reader: MacroSource
     max_connections: int
+    takes_headers = False  # the class has the header callback (adapter_class)
     # pymilter gives every connection its own Python thread state (miltermodule.c
     # _get_context), and threading.local lives in the thread state: so this is
     # per connection. It lets the excepthook (see `undecodable`) find the session
@@ -103,10 +104,14 @@ class Session(Milter.Base):  # type: ignore[misc]
         self.current.session = self
 
     def negotiate(self, opts: list[int]) -> int:
-        # pymilter hands back every action the MTA offers; declare only ours.
-        rc = int(super().negotiate(opts))
+        # What Milter.Base.negotiate does for a class without @symlist (the
+        # protocol steps our callbacks leave out are skipped, cached on the
+        # class by pymilter), but declaring only our actions, not every one
+        # the MTA offers.
         opts[0] &= self.actions
         self._actions = opts[0]
+        opts[1] = self._protocol = opts[1] & ~self.protocol_mask()
+        opts[2] = opts[3] = 0
         if self.sessions.open > self.max_connections:
             # Over the limit: have connect answered (even by a filter that takes
             # it without a reply) so that we can refuse there; Postfix defers.
@@ -120,7 +125,7 @@ class Session(Milter.Base):  # type: ignore[misc]
                             "max_connections = %d; refused %d connection(s) with %s",
                             self.runtime.filter.name, self.sessions.open - 1,
                             self.max_connections, refused, REPLY_TOO_MANY_CONNECTIONS)
-        return rc
+        return CONTINUE
 
     def _macros(self, names: tuple[str, ...], into: dict[str, str]) -> None:
         macros = self._read_macros()
@@ -276,6 +281,18 @@ class Session(Milter.Base):  # type: ignore[misc]
         self.tx.headers.append(Header(name, value))
         return int(Milter.CONTINUE)
 
+    def take_header(self, name: str, value: bytes) -> bool:
+        """The header step of the Python core (core/pyserver.py) when nothing can go
+        wrong: a transaction is open and no refusal or late HELO waits, so the field
+        is kept without the callback machinery around `_header` (about half a
+        filter's callbacks are header fields). False: take the full path."""
+        tx = self.tx
+        if (tx is None or not self.takes_headers or self._refusal is not None
+                or self._pending is not None or self._helo_late):
+            return False
+        tx.headers.append(Header(name, value))
+        return True
+
     def _eoh(self) -> int:
         # Answered, like data(): Postfix flushes the headers it buffered (they
         # need no reply) in one write and waits for us; no small write is left
@@ -411,6 +428,7 @@ def adapter_class(runtime: Runtime, sessions: SessionCounter, macro_reader: Macr
     # ...and for the holds handed on to the last filter (core/hold.py).
     if needed & (Stage.HEADER | Stage.BODY) or removes_forged or runtime.applies_holds:
         cb("header", Session._header, False, raw=True)
+        ns["takes_headers"] = True
         cb("eoh", Session._eoh, True)
     if Stage.BODY in needed:
         cb("body", Session._body, False)

@@ -53,9 +53,7 @@ _TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
 MAX_PACKET = 1024 * 1024
 _FAMILIES = types.MappingProxyType(
     {b"4": socket.AF_INET, b"6": socket.AF_INET6, b"L": socket.AF_UNIX})
-# Commands that only follow MAIL (libmilter ignores them before it).
-_IN_TRANSACTION = frozenset({protocol.SMFIC_RCPT, protocol.SMFIC_DATA, protocol.SMFIC_HEADER,
-                             protocol.SMFIC_EOH, protocol.SMFIC_BODY, protocol.SMFIC_BODYEOB})
+_NR_HDR = int(protocol.ProtocolFlag.NR_HDR)
 # libmilter's ctx_state names for the stages whose arguments may not decode.
 _ST_MAIL = 4
 
@@ -82,6 +80,7 @@ class Context:
         # Macro packets by the command they precede, parsed only when read: most
         # are never read (the adapter reads at connect, MAIL and end of message).
         self.macros: dict[bytes, bytes] = {}
+        self._last = b""  # the stage of the last packet (the end of `macros`)
         # The adapter reads the macros several times a message (connect, MAIL,
         # end of message, each log line): each packet is parsed once, and the
         # merged view is made again only after a new packet.
@@ -143,10 +142,11 @@ class Context:
         """A macro packet for `stage`; a resent stage replaces its values and moves
         to the end (later stages win). Postfix resends the same packet before each
         header: that one changes nothing and keeps what was parsed."""
-        if self.macros.get(stage) == data and next(reversed(self.macros)) == stage:
+        if stage == self._last and self.macros[stage] == data:
             return
         self.macros.pop(stage, None)
         self.macros[stage] = data
+        self._last = stage
         self._stages.pop(stage, None)
         self.parsed = None
 
@@ -193,11 +193,10 @@ class ContextMacros:
 class Connection:
     """One MTA connection: packets in, the Session's answers out."""
 
-    def __init__(self, sock: socket.socket, klass: type[Session], timeout: float) -> None:
+    def __init__(self, sock: socket.socket, klass: type[Session], timeval: bytes) -> None:
         self.sock = sock
         self.klass = klass
-        self.timeout = timeout
-        self.buf = b""
+        self.timeval = timeval  # the filter's timeout as a struct timeval (kernel_timeval)
         self.ctx = Context()
         self.session: Session | None = None
         self.protocol = 0
@@ -207,12 +206,10 @@ class Connection:
         # The kernel's timeouts, not settimeout(): with settimeout() Python polls
         # before every recv and send (a third of this loop's system calls); a
         # blocking socket with SO_RCVTIMEO fails the same read after the same time.
-        _kernel_timeouts(self.sock, self.timeout)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.timeval)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.timeval)
         try:
-            while True:
-                cmd, data = self._read()
-                if not self._dispatch(cmd, data):
-                    return
+            self._loop()
         except (ConnectionClosed, OSError):
             pass
         except Exception:  # a bug here must not pass silently, nor kill the worker
@@ -221,24 +218,44 @@ class Connection:
             self._end()
             self.sock.close()
 
-    def _read(self) -> tuple[bytes, bytes]:
+    def _loop(self) -> None:
+        """Read, then run every whole packet the read completed. Postfix writes
+        several packets per step (macros, then the command; the headers in one
+        flush), so one read usually brings several: they are taken by offset
+        from the one buffer, which is cut once per read, not once per packet."""
+        recv = self.sock.recv
+        handlers = _HANDLERS
+        unpack_from = _HEAD.unpack_from
+        buf = b""
         while True:
-            if len(self.buf) >= 4:
-                size = _HEAD.unpack_from(self.buf)[0]
-                if size == 0 or size > MAX_PACKET:
-                    raise ConnectionClosed(f"packet of {size} bytes")
-                if len(self.buf) >= 4 + size:
-                    cmd, data = self.buf[4:5], self.buf[5:4 + size]
-                    self.buf = self.buf[4 + size:]
-                    return cmd, data
-            chunk = self.sock.recv(65536)
+            chunk = recv(65536)
             if not chunk:
                 raise ConnectionClosed("closed by the MTA")
-            self.buf += chunk
+            buf = buf + chunk if buf else chunk
+            pos = 0
+            end = len(buf)
+            while end - pos >= 4:
+                size = unpack_from(buf, pos)[0]
+                if size == 0 or size > MAX_PACKET:
+                    raise ConnectionClosed(f"packet of {size} bytes")
+                after = pos + 4 + size
+                if after > end:
+                    break
+                cmd = buf[pos + 4:pos + 5]
+                handler = handlers.get(cmd)
+                if handler is None:
+                    raise ConnectionClosed(f"unknown command {cmd!r}")
+                if not handler(self, buf[pos + 5:after]):
+                    return
+                pos = after
+            if pos:
+                buf = buf[pos:]
 
     def _send(self, rc: int) -> None:
         ctx = self.ctx
         if rc == NOREPLY:
+            if not ctx.actions:
+                return
             out = b"".join(ctx.actions)
         else:
             reply = ctx.reply if rc in REFUSALS else None
@@ -249,76 +266,124 @@ class Connection:
         if out:
             self.sock.sendall(out)
 
-    def _dispatch(self, cmd: bytes, data: bytes) -> bool:
-        """Run one command; False ends the connection."""
-        ctx = self.ctx
-        if cmd == protocol.SMFIC_MACRO:
-            self._macro(data)
-            return True
-        if cmd == protocol.SMFIC_OPTNEG:
-            return self._negotiate(data)
+    # -- one method per command; each returns False to end the connection -------
+
+    def _session(self) -> Session:
         session = self.session
         if session is None:
-            raise ConnectionClosed(f"command {cmd!r} before negotiation")
-        if cmd in _IN_TRANSACTION and not self.in_transaction:
-            # libmilter's state machine (engine.c) drops a command that cannot
-            # follow the current state, without a reply, before any callback.
-            return True
-        if cmd == protocol.SMFIC_CONNECT:
-            ctx.state = _ST_CONN
-            host, family, hostaddr = _connect_args(data)
-            name = self._decoded(host, session)
-            if name is None:
-                self._skipped(protocol.ProtocolFlag.NR_CONN)
-            else:
-                self._send(session.connect(name, family, hostaddr))
-        elif cmd == protocol.SMFIC_HELO:
-            ctx.state = _ST_HELO
-            helo = self._decoded(data.split(b"\0", 1)[0], session)
-            if helo is None:
-                self._skipped(protocol.ProtocolFlag.NR_HELO)
-            else:
-                self._send(session.hello(helo))
-        elif cmd == protocol.SMFIC_MAIL:
-            ctx.state = _ST_MAIL
-            self.in_transaction = True
-            self._send(session.envfrom(*_args(data)))
-        elif cmd == protocol.SMFIC_RCPT:
-            self._send(session.envrcpt(*_args(data)))
-        elif cmd == protocol.SMFIC_DATA:
-            self._send(session.data())
-        elif cmd == protocol.SMFIC_HEADER:
-            ctx.state = _ST_HDRS
-            raw_name, sep, rest = data.partition(b"\0")
-            if not sep or not rest.endswith(b"\0"):
-                raise ConnectionClosed("header without its value")
-            name = self._decoded(raw_name, session)
-            if name is not None:
-                self._send(session.header(name, rest.rsplit(b"\0", 1)[0]))
-            else:
-                self._skipped(protocol.ProtocolFlag.NR_HDR)
-        elif cmd == protocol.SMFIC_EOH:
-            self._send(session.eoh())
-        elif cmd == protocol.SMFIC_BODY:
-            self._send(session.body(data))
-        elif cmd == protocol.SMFIC_BODYEOB:
-            if data:
-                session.body(data)
-                ctx.actions = []
-            self.in_transaction = False
-            self._send(session.eom())
-        elif cmd == protocol.SMFIC_ABORT:
-            self.in_transaction = False
-            session.abort()
-            ctx.actions = []
-        elif cmd == protocol.SMFIC_QUIT:
-            return False
-        elif cmd == protocol.SMFIC_QUIT_NC:
-            self._end()  # a new SMTP session follows on this connection
-        elif cmd == protocol.SMFIC_UNKNOWN:
-            self._send(CONTINUE)
+            raise ConnectionClosed("command before negotiation")
+        return session
+
+    def _on_macro(self, data: bytes) -> bool:
+        if not data:
+            raise ConnectionClosed("empty macro packet")
+        self.ctx.add_macros(data[:1], data[1:])
+        return True
+
+    def _on_connect(self, data: bytes) -> bool:
+        session = self._session()
+        self.ctx.state = _ST_CONN
+        host, family, hostaddr = _connect_args(data)
+        name = self._decoded(host, session)
+        if name is None:
+            self._skipped(protocol.ProtocolFlag.NR_CONN)
         else:
-            raise ConnectionClosed(f"unknown command {cmd!r}")
+            self._send(session.connect(name, family, hostaddr))
+        return True
+
+    def _on_helo(self, data: bytes) -> bool:
+        session = self._session()
+        self.ctx.state = _ST_HELO
+        helo = self._decoded(data.split(b"\0", 1)[0], session)
+        if helo is None:
+            self._skipped(protocol.ProtocolFlag.NR_HELO)
+        else:
+            self._send(session.hello(helo))
+        return True
+
+    def _on_mail(self, data: bytes) -> bool:
+        session = self._session()
+        self.ctx.state = _ST_MAIL
+        self.in_transaction = True
+        self._send(session.envfrom(*_args(data)))
+        return True
+
+    # Commands that only follow MAIL: libmilter's state machine (engine.c) drops
+    # one that cannot follow the current state, without a reply, before any
+    # callback (the `in_transaction` tests below).
+
+    def _on_rcpt(self, data: bytes) -> bool:
+        session = self._session()
+        if self.in_transaction:
+            self._send(session.envrcpt(*_args(data)))
+        return True
+
+    def _on_data(self, data: bytes) -> bool:
+        session = self._session()
+        if self.in_transaction:
+            self._send(session.data())
+        return True
+
+    def _on_header(self, data: bytes) -> bool:
+        session = self._session()
+        if not self.in_transaction:
+            return True
+        self.ctx.state = _ST_HDRS
+        raw_name, sep, rest = data.partition(b"\0")
+        if not sep or not rest.endswith(b"\0"):
+            raise ConnectionClosed("header without its value")
+        name = self._decoded(raw_name, session)
+        if name is None:
+            self._skipped(protocol.ProtocolFlag.NR_HDR)
+        elif session.take_header(name, rest[:-1]):
+            if not self.protocol & _NR_HDR:
+                self._send(CONTINUE)
+        else:
+            self._send(session.header(name, rest[:-1]))
+        return True
+
+    def _on_eoh(self, data: bytes) -> bool:
+        session = self._session()
+        if self.in_transaction:
+            self._send(session.eoh())
+        return True
+
+    def _on_body(self, data: bytes) -> bool:
+        session = self._session()
+        if self.in_transaction:
+            self._send(session.body(data))
+        return True
+
+    def _on_eob(self, data: bytes) -> bool:
+        session = self._session()
+        if not self.in_transaction:
+            return True
+        if data:
+            session.body(data)
+            self.ctx.actions = []
+        self.in_transaction = False
+        self._send(session.eom())
+        return True
+
+    def _on_abort(self, data: bytes) -> bool:
+        session = self._session()
+        self.in_transaction = False
+        session.abort()
+        self.ctx.actions = []
+        return True
+
+    def _on_quit(self, data: bytes) -> bool:
+        self._session()
+        return False
+
+    def _on_quit_nc(self, data: bytes) -> bool:
+        self._session()
+        self._end()  # a new SMTP session follows on this connection
+        return True
+
+    def _on_unknown(self, data: bytes) -> bool:
+        self._session()
+        self._send(CONTINUE)
         return True
 
     def _skipped(self, no_reply: protocol.ProtocolFlag) -> None:
@@ -337,12 +402,7 @@ class Connection:
             session.undecodable(raw)
             return None
 
-    def _macro(self, data: bytes) -> None:
-        if not data:
-            raise ConnectionClosed("empty macro packet")
-        self.ctx.add_macros(data[:1], data[1:])
-
-    def _negotiate(self, data: bytes) -> bool:
+    def _on_optneg(self, data: bytes) -> bool:
         if len(data) < 12:
             raise ConnectionClosed("short option negotiation")
         _, actions, offered = _OPTNEG.unpack_from(data)
@@ -366,11 +426,31 @@ class Connection:
             session._setctx(None)
 
 
-def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+# What each MTA connection runs, by command (each handler returns False to end it).
+_HANDLERS: types.MappingProxyType[bytes, Callable[[Connection, bytes], bool]] = (
+    types.MappingProxyType({
+        protocol.SMFIC_MACRO: Connection._on_macro,
+        protocol.SMFIC_OPTNEG: Connection._on_optneg,
+        protocol.SMFIC_CONNECT: Connection._on_connect,
+        protocol.SMFIC_HELO: Connection._on_helo,
+        protocol.SMFIC_MAIL: Connection._on_mail,
+        protocol.SMFIC_RCPT: Connection._on_rcpt,
+        protocol.SMFIC_DATA: Connection._on_data,
+        protocol.SMFIC_HEADER: Connection._on_header,
+        protocol.SMFIC_EOH: Connection._on_eoh,
+        protocol.SMFIC_BODY: Connection._on_body,
+        protocol.SMFIC_BODYEOB: Connection._on_eob,
+        protocol.SMFIC_ABORT: Connection._on_abort,
+        protocol.SMFIC_QUIT: Connection._on_quit,
+        protocol.SMFIC_QUIT_NC: Connection._on_quit_nc,
+        protocol.SMFIC_UNKNOWN: Connection._on_unknown,
+    }))
+
+
+def kernel_timeval(seconds: float) -> bytes:
+    """`seconds` as the struct timeval of SO_RCVTIMEO and SO_SNDTIMEO."""
     whole = int(seconds)
-    timeval = _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    return _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
 
 
 def _args(data: bytes) -> list[bytes]:
@@ -436,6 +516,10 @@ class Acceptors:
         self._idle = 0
         self._threads = 0
         self._saturated = False  # every thread busy, the limit reached (logged once)
+        # Read once: socket.accept() and .family cost more Python than the
+        # accept itself (an enum conversion each).
+        self._kind = (listener.family, listener.type, listener.proto)
+        self._tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
 
     def start(self) -> None:
         with self._lock:
@@ -478,7 +562,7 @@ class Acceptors:
     def _accept(self) -> socket.socket:
         while True:
             try:
-                conn, _ = self.listener.accept()
+                fd, _ = self.listener._accept()  # type: ignore[attr-defined]
             except (BlockingIOError, InterruptedError):
                 continue  # woke for the gate (ACCEPT_WAKE_SECONDS), or a signal
             except OSError as exc:
@@ -487,7 +571,8 @@ class Acceptors:
                 log.debug("filter %s: accept failed: %s", self.name, exc)
                 time.sleep(0.1)
                 continue
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
+            conn = socket.socket(*self._kind, fileno=fd)
+            if self._tcp:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return conn
 
@@ -500,10 +585,13 @@ def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: i
     klass = adapter_class(runtime, sessions, ContextMacros(), max_connections)
     listener = socket.socket(fileno=listen_fd)
     listener.setblocking(True)
-    _kernel_timeouts(listener, ACCEPT_WAKE_SECONDS)
+    wake = kernel_timeval(ACCEPT_WAKE_SECONDS)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wake)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wake)
+    timeval = kernel_timeval(timeout)
 
     def serve(conn: socket.socket) -> None:
-        Connection(conn, klass, timeout).serve()
+        Connection(conn, klass, timeval).serve()
 
     # Room beyond max_connections so that the session over the limit is answered
     # 451 by the adapter, not left waiting for a thread.

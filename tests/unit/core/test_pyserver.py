@@ -88,19 +88,19 @@ def test_macros_later_stages_win_and_odd_lists_are_named() -> None:
 
 def test_macro_packets_are_kept_by_stage() -> None:
     from milters.core.adapter import Session
-    from milters.core.pyserver import Connection
+    from milters.core.pyserver import Connection, kernel_timeval
 
     a, b = socket.socketpair()
     try:
-        conn = Connection(a, Session, 5.0)
-        conn._macro(b"Cj\0mx.example\0{daemon_name}\0ORIGINATING\0")
-        conn._macro(b"M{i}\0ABC\0{mail_addr}\0a@example.com\0x\0")  # odd: x dropped
+        conn = Connection(a, Session, kernel_timeval(5.0))
+        conn._on_macro(b"Cj\0mx.example\0{daemon_name}\0ORIGINATING\0")
+        conn._on_macro(b"M{i}\0ABC\0{mail_addr}\0a@example.com\0x\0")  # odd: x dropped
         assert conn.ctx.read_macros().values == {
             "j": "mx.example", "{daemon_name}": "ORIGINATING", "i": "ABC",
             "{mail_addr}": "a@example.com"}
         assert conn.ctx.read_macros().odd_lists == ("M",)
         with pytest.raises(ConnectionClosed):
-            conn._macro(b"")
+            conn._on_macro(b"")
     finally:
         a.close()
         b.close()
@@ -112,11 +112,11 @@ def test_a_silent_mta_is_timed_out_by_the_kernel() -> None:
     import threading
 
     from milters.core.adapter import Session
-    from milters.core.pyserver import Connection
+    from milters.core.pyserver import Connection, kernel_timeval
 
     a, b = socket.socketpair()
     try:
-        conn = Connection(a, Session, 0.2)
+        conn = Connection(a, Session, kernel_timeval(0.2))
         server = threading.Thread(target=conn.serve)
         server.start()
         server.join(30)
@@ -134,13 +134,13 @@ def test_macros_are_parsed_again_only_after_a_new_packet() -> None:
     first = ctx.read_macros()
     assert ctx.read_macros() is first
     from milters.core.adapter import Session
-    from milters.core.pyserver import Connection
+    from milters.core.pyserver import Connection, kernel_timeval
 
     a, b = socket.socketpair()
     try:
-        conn = Connection(a, Session, 5.0)
+        conn = Connection(a, Session, kernel_timeval(5.0))
         conn.ctx = ctx
-        conn._macro(b"M{mail_addr}\0a@example.com\0")
+        conn._on_macro(b"M{mail_addr}\0a@example.com\0")
         assert ctx.read_macros() is not first
         assert ctx.read_macros().get("{mail_addr}") == "a@example.com"
     finally:
