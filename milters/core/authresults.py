@@ -291,6 +291,13 @@ def authserv_id_of(value: str | bytes) -> str | None:
 def read_field(value: str | bytes) -> ArField | None:
     """Read a field value in full (RFC 8601 §2.2); None if not even its authserv-id reads."""
     text = _text(value)
+    if _NOT_PLAIN.search(text) is None:
+        return _read_plain(text)
+    return _read_scanned(text)
+
+
+def _read_scanned(text: str) -> ArField | None:
+    """read_field by the scanner: any value, comments and quoted strings included."""
     s = _Scanner(text)
     ident = _read_id(s)
     if ident is None:
@@ -301,6 +308,67 @@ def read_field(value: str | bytes) -> ArField | None:
         return ArField(ident, _read_results(s))
     except _Malformed:
         return ArField(ident, None)
+
+
+# The plain form: no comment, quoted-string or quoted-pair anywhere, so CFWS is
+# only folding white space and every token is what the scanner's patterns take.
+# Nearly every field is plain; the same grammar then runs as one match per
+# resinfo and per property instead of a scanner call per token (a fifth of
+# dmarc's work per message went to reading one upstream field).
+_NOT_PLAIN = re.compile(r'[("\\]')
+_PLAIN_ID = re.compile(r'[ \t\r\n]*([^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+)')
+_PLAIN_HEAD = re.compile(r"(?:[ \t\r\n]+(?:[0-9]+[ \t\r\n]*)?)?;")
+_PLAIN_NONE = re.compile(r"[ \t\r\n]*(?i:none)[ \t\r\n]*\Z")
+_PLAIN_RESINFO = re.compile(
+    r"[ \t\r\n]*([A-Za-z0-9_-]+)[ \t\r\n]*(?:/[ \t\r\n]*[0-9]+[ \t\r\n]*)?"
+    r"=[ \t\r\n]*([A-Za-z0-9_-]+)")
+_PLAIN_PROP = re.compile(
+    r'[ \t\r\n]*(?:(?i:reason)[ \t\r\n]*=[ \t\r\n]*[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+'
+    r"|([A-Za-z0-9_-]+)[ \t\r\n]*\.[ \t\r\n]*([A-Za-z0-9_-]+)[ \t\r\n]*"
+    r'=[ \t\r\n]*([^\s;()"]+))')
+_PLAIN_GAP = re.compile(r"[ \t\r\n]*")
+
+
+def _read_plain(text: str) -> ArField | None:
+    """read_field for a plain value (see _NOT_PLAIN): the same answer, faster."""
+    m = _PLAIN_ID.match(text)
+    if m is None:
+        return None
+    ident = normalize_id(m.group(1))
+    if len(text) > MAX_FIELD:
+        return ArField(ident, None)
+    m = _PLAIN_HEAD.match(text, m.end())
+    if m is None:
+        return ArField(ident, None)
+    pos = m.end()
+    end = len(text)
+    if _PLAIN_NONE.match(text, pos):
+        return ArField(ident, ())
+    results: list[ArResult] = []
+    while True:
+        pos = _PLAIN_GAP.match(text, pos).end()  # type: ignore[union-attr]
+        if pos >= end:
+            break  # a trailing ';'
+        m = _PLAIN_RESINFO.match(text, pos)
+        if m is None:
+            return ArField(ident, None)
+        props: dict[str, str] = {}
+        pos = m.end()
+        while True:
+            pos = _PLAIN_GAP.match(text, pos).end()  # type: ignore[union-attr]
+            if pos >= end or text[pos] == ";":
+                break
+            p = _PLAIN_PROP.match(text, pos)
+            if p is None:
+                return ArField(ident, None)
+            if p.group(1) is not None:
+                props.setdefault(f"{p.group(1).lower()}.{p.group(2).lower()}", p.group(3))
+            pos = p.end()
+        results.append(ArResult(m.group(1).lower(), m.group(2).lower(), props))
+        if pos >= end:
+            break
+        pos += 1  # the ';' between results
+    return ArField(ident, tuple(results))
 
 
 def _read_results(s: _Scanner) -> tuple[ArResult, ...]:

@@ -269,3 +269,46 @@ def test_the_owned_method_screen_never_keeps_an_owned_field(value: str, method: 
     owned = frozenset({method.lower()})
     full = [1] if is_ours(header[0].value, OURS) and methods_of(header[0].value) & owned else []
     assert forged_fields(header, OURS, False, owned) == full
+
+
+# -- the plain-value reader is the scanner, only faster --------------------------------
+
+_PLAIN_PIECES = st.sampled_from([
+    ";", "dkim", "spf", "=", "pass", "fail", "/", "1", "header", ".", "d", "bank.example",
+    "reason", "REASON", "Reason=why", "none", "NONE", "@", " ", "\t", "\r\n ", ")", "x=y",
+    "smtp.mailfrom=a@b.example", "; spf=pass smtp.mailfrom=x.example", "; arc=none",
+    "\x0b", "\u00e9", "\u2003", "policy.dmarc=reject", "-", "_",
+])
+
+
+@st.composite
+def plain_values(draw: st.DrawFn) -> str:
+    head = draw(st.sampled_from(["mx.test.example", " mx.test.example", "MX.Example.", "",
+                                 "\t a", "@x", "mx 1", "mx 12 "]))
+    body = draw(st.lists(st.one_of(_PLAIN_PIECES, st.text(max_size=3)), max_size=18))
+    if draw(st.booleans()):
+        body = [";", " dkim", "=", "pass", " header.d=bank.example", *body]
+    value = head + "".join(body)
+    return "".join(c for c in value if c not in '("\\')
+
+
+@given(plain_values())
+@settings(max_examples=1500, deadline=None)
+def test_plain_values_read_as_the_scanner_reads_them(value: str) -> None:
+    from milters.core.authresults import _read_plain, _read_scanned
+
+    assert _read_plain(value) == _read_scanned(value)
+
+
+@pytest.mark.parametrize("value", [
+    "mx.example; none", "mx.example;none ", "mx.example; NONE;", "mx.example; none dkim=pass",
+    "mx.example 1; dkim/1 = pass header . d = a.example ; spf=fail smtp.mailfrom=x@y;",
+    "mx.example; dkim=pass reason=ok header.d=a", "mx.example; dkim=pass reason.x=y",
+    "mx.example; dkim=pass reasonx=y", "mx.example; dkim=pass header.d=a\x0bheader.s=b",
+    "mx.example; dkim=pass header.d=a header.d=b", "mx.example", "mx.example;", ";",
+    "mx.example; dkim=pass.x", "mx.example; dkim=pass )", "x" * 70000 + "; dkim=pass",
+])
+def test_plain_values_edge_cases(value: str) -> None:
+    from milters.core.authresults import _read_plain, _read_scanned
+
+    assert _read_plain(value) == _read_scanned(value)
