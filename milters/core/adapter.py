@@ -128,9 +128,11 @@ class Session(Milter.Base):  # type: ignore[misc]
         return CONTINUE
 
     def _macros(self, names: tuple[str, ...], into: dict[str, str]) -> None:
-        macros = self._read_macros()
+        # The names are as the macro readers key them (core/macros.py: no "{i}"
+        # forms), so no Macros.get and its normalize per name.
+        values = self._read_macros().values
         for name in names:
-            value = macros.get(name)
+            value = values.get(name)
             if value:
                 into[name] = value
 

@@ -19,6 +19,7 @@ pipe) work as they do for libmilter.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import struct
 import threading
@@ -81,10 +82,13 @@ class Context:
         # are never read (the adapter reads at connect, MAIL and end of message).
         self.macros: dict[bytes, bytes] = {}
         self._last = b""  # the stage of the last packet (the end of `macros`)
+        # The merged view so far: the stages in it, in order, and their values.
+        self._merged: list[bytes] = []
+        self._values: dict[str, str] = {}
+        self._odd: list[str] = []
         # The adapter reads the macros several times a message (connect, MAIL,
-        # end of message, each log line): each packet is parsed once, and the
-        # merged view is made again only after a new packet.
-        self._stages: dict[bytes, tuple[dict[str, str], bool]] = {}
+        # end of message): each packet is parsed once, and the merged view is
+        # made again only after a new packet.
         self.parsed: Macros | None = None
         self.state = 0
         self._priv: Any = None
@@ -144,25 +148,35 @@ class Context:
         header: that one changes nothing and keeps what was parsed."""
         if stage == self._last and self.macros[stage] == data:
             return
-        self.macros.pop(stage, None)
+        if stage in self.macros:
+            del self.macros[stage]
+            self._merged = []  # a stage went back: merge again from the start
         self.macros[stage] = data
         self._last = stage
-        self._stages.pop(stage, None)
         self.parsed = None
 
     def read_macros(self) -> Macros:
         if self.parsed is None:
-            values: dict[str, str] = {}
-            odd: list[str] = []
-            for stage, data in self.macros.items():  # sent in stage order; later wins
-                pairs = self._stages.get(stage)
-                if pairs is None:
-                    pairs = self._stages[stage] = _parse_stage(data)
-                if pairs[1]:
-                    odd.append(stage.decode("ascii", "replace"))
-                values.update(pairs[0])
-            self.parsed = Macros(values, tuple(odd))
+            # Stages only ever add at the end (add_macros), so what was merged
+            # stays merged: only the stages sent since the last read are parsed.
+            merged = self._merged
+            if not merged:
+                self._values = {}
+                self._odd = []
+            stages = list(self.macros)
+            for stage in stages[len(merged):]:
+                values, odd = _parse_stage(self.macros[stage])
+                if odd:
+                    self._odd.append(stage.decode("ascii", "replace"))
+                self._values.update(values)
+            self._merged = stages
+            self.parsed = Macros(dict(self._values), tuple(self._odd))
         return self.parsed
+
+
+# A one-letter name in braces ("{i}"), which smfi_getsymval takes for "i" (normalize);
+# it may also match a value, which only costs the slower path.
+_BRACED_LETTER = re.compile(rb"\{[^\0]\}\0")
 
 
 def _parse_stage(data: bytes) -> tuple[dict[str, str], bool]:
@@ -175,7 +189,11 @@ def _parse_stage(data: bytes) -> tuple[dict[str, str], bool]:
     odd = len(strings) % 2 == 1
     if odd:
         strings.pop()
-    return dict(zip(map(normalize, strings[0::2]), strings[1::2], strict=True)), odd
+    names = strings[-2::-2]  # last pair first: within one list the first one wins,
+    values = strings[::-2]  # as smfi_getsymval stops at it (and core/macroreader.py)
+    if _BRACED_LETTER.search(data):
+        names = [normalize(n) for n in names]
+    return dict(zip(names, values, strict=True)), odd
 
 
 class ContextMacros:

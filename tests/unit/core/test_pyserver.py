@@ -158,3 +158,38 @@ def test_a_resent_identical_macro_packet_keeps_the_parsed_view() -> None:
     # A resent earlier stage moves to the end: its values now win.
     ctx.add_macros(b"C", b"x\0connect-stage\0")
     assert ctx.read_macros().get("x") == "connect-stage"
+
+
+def test_within_one_list_the_first_occurrence_wins_as_in_libmilter() -> None:
+    """smfi_getsymval stops at the first name that matches (core/macroreader.py too);
+    `{i}` and `i` are one name."""
+    from milters.core.pyserver import _parse_stage
+
+    assert _parse_stage(b"a\0one\0b\0two\0a\0three\0") == ({"a": "one", "b": "two"}, False)
+    assert _parse_stage(b"{i}\0Q1\0i\0Q2\0") == ({"i": "Q1"}, False)
+    assert _parse_stage(b"a\0one\0{b}\0") == ({"a": "one"}, True)
+
+
+def test_the_adapter_reads_macros_by_their_normal_names() -> None:
+    """The adapter looks names up in the readers' dicts directly (no normalize)."""
+    from milters.core.macroreader import normalize
+    from milters.core.macros import CONNECT_MACROS, EOM_MACROS, MAIL_MACROS
+
+    for name in CONNECT_MACROS + MAIL_MACROS + EOM_MACROS:
+        assert normalize(name) == name
+
+
+def test_stages_read_in_steps_merge_as_one_read() -> None:
+    steps = [(b"C", b"j\0mx\0_\0client\0"), (b"M", b"i\0Q1\0{mail_addr}\0a@b\0"),
+             (b"R", b"{rcpt_addr}\0c@d\0i\0Q2\0"), (b"M", b"i\0Q3\0")]
+    stepwise = Context()
+    for stage, data in steps:
+        stepwise.add_macros(stage, data)
+        stepwise.read_macros()
+    whole = Context()
+    for stage, data in steps:
+        whole.add_macros(stage, data)
+    assert stepwise.read_macros() == whole.read_macros()
+    # The resent M moved to the end: its i wins, its old {mail_addr} is gone.
+    assert whole.read_macros().values == {"j": "mx", "_": "client", "{rcpt_addr}": "c@d",
+                                          "i": "Q3"}
