@@ -28,3 +28,13 @@ class TempError(MiltersError):
 
 class PermError(MiltersError):
     """permanent error (malformed record or input)"""
+
+
+class NeedsThread(BaseException):
+    """a lookup would wait on the network in the event loop's thread
+
+    Raised by the resolver in the Python core's event loop (core/eventloop.py)
+    when its cache cannot answer; the loop hands the connection to a thread,
+    which runs the step again. A BaseException, so that no backstop of a
+    filter or the pipeline (`except Exception`) turns it into a verdict.
+    """

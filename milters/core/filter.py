@@ -93,6 +93,11 @@ class Filter(abc.ABC):
     # an early stage let through is not carried to the end as well, or report
     # mode would report it twice (core/pipeline.py).
     decides_stages_again: ClassVar[bool] = False
+    # Its decisions wait on nothing but DNS (env.resolver): the Python core then
+    # serves it from an event loop, and a lookup the cache cannot answer moves the
+    # connection to a thread (core/eventloop.py). A filter that talks to another
+    # server (clamd) is served by a thread per connection.
+    waits_only_on_dns: ClassVar[bool] = False
 
     def __init__(self, settings: FilterSettings, env: Env) -> None:
         self.settings = settings

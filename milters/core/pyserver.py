@@ -40,6 +40,7 @@ from milters.core.adapter import (
     Session,
     adapter_class,
 )
+from milters.core.errors import NeedsThread
 from milters.core.macroreader import Macros, normalize
 from milters.core.runtime import Runtime, SessionCounter
 
@@ -215,59 +216,80 @@ class Connection:
         self.sock = sock
         self.klass = klass
         self.timeval = timeval  # the filter's timeout as a struct timeval (kernel_timeval)
+        self.buf = b""  # what was read and not yet run: the start of a packet
         self.ctx = Context()
         self.session: Session | None = None
         self.protocol = 0
         self.in_transaction = False  # between MAIL and end of message or abort
 
     def serve(self) -> None:
+        """Serve the connection to its end in this thread (from its start, or
+        from where the event loop handed it over: core/eventloop.py)."""
         # The kernel's timeouts, not settimeout(): with settimeout() Python polls
         # before every recv and send (a third of this loop's system calls); a
         # blocking socket with SO_RCVTIMEO fails the same read after the same time.
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.timeval)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.timeval)
         try:
-            self._loop()
+            if not self.buf or self.feed(b""):
+                self._loop()
         except (ConnectionClosed, OSError):
             pass
         except Exception:  # a bug here must not pass silently, nor kill the worker
             log.exception("milter connection ended by an error in the protocol loop")
         finally:
-            self._end()
-            self.sock.close()
+            self.close()
+
+    def close(self) -> None:
+        self._end()
+        self.sock.close()
 
     def _loop(self) -> None:
-        """Read, then run every whole packet the read completed. Postfix writes
-        several packets per step (macros, then the command; the headers in one
-        flush), so one read usually brings several: they are taken by offset
-        from the one buffer, which is cut once per read, not once per packet."""
         recv = self.sock.recv
-        handlers = _HANDLERS
-        unpack_from = _HEAD.unpack_from
-        buf = b""
         while True:
             chunk = recv(65536)
             if not chunk:
                 raise ConnectionClosed("closed by the MTA")
-            buf = buf + chunk if buf else chunk
-            pos = 0
-            end = len(buf)
-            while end - pos >= 4:
-                size = unpack_from(buf, pos)[0]
-                if size == 0 or size > MAX_PACKET:
-                    raise ConnectionClosed(f"packet of {size} bytes")
-                after = pos + 4 + size
-                if after > end:
-                    break
-                cmd = buf[pos + 4:pos + 5]
-                handler = handlers.get(cmd)
-                if handler is None:
-                    raise ConnectionClosed(f"unknown command {cmd!r}")
+            if not self.feed(chunk):
+                return
+
+    def feed(self, chunk: bytes) -> bool:
+        """Run every whole packet `chunk` completes; False: the connection ends.
+
+        Postfix writes several packets per step (macros, then the command; the
+        headers in one flush), so one read usually brings several: they are taken
+        by offset from one buffer, which is cut once per read, not per packet.
+        A step that raises NeedsThread (only in the event loop) is left at the
+        head of the buffer, to run again in a thread.
+        """
+        handlers = _HANDLERS
+        unpack_from = _HEAD.unpack_from
+        buf = self.buf + chunk if self.buf else chunk
+        pos = 0
+        end = len(buf)
+        while end - pos >= 4:
+            size = unpack_from(buf, pos)[0]
+            if size == 0 or size > MAX_PACKET:
+                raise ConnectionClosed(f"packet of {size} bytes")
+            after = pos + 4 + size
+            if after > end:
+                break
+            cmd = buf[pos + 4:pos + 5]
+            handler = handlers.get(cmd)
+            if handler is None:
+                raise ConnectionClosed(f"unknown command {cmd!r}")
+            try:
                 if not handler(self, buf[pos + 5:after]):
-                    return
-                pos = after
-            if pos:
-                buf = buf[pos:]
+                    return False
+            except NeedsThread:
+                # End of body took its last chunk before the check began: only
+                # the check runs again.
+                again = _packet(cmd) if cmd == protocol.SMFIC_BODYEOB else buf[pos:after]
+                self.buf = again + buf[after:]
+                raise
+            pos = after
+        self.buf = buf[pos:] if pos else buf
+        return True
 
     def _send(self, rc: int) -> None:
         ctx = self.ctx
@@ -379,8 +401,9 @@ class Connection:
         if data:
             session.body(data)
             self.ctx.actions = []
+        rc = session.eom()  # may raise NeedsThread (feed), so the state changes after
         self.in_transaction = False
-        self._send(session.eom())
+        self._send(rc)
         return True
 
     def _on_abort(self, data: bytes) -> bool:

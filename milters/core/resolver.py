@@ -17,6 +17,7 @@ versus none/permerror).
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -26,13 +27,14 @@ import dns.rdatatype
 import dns.resolver
 
 from milters.core.config import DnsSettings
-from milters.core.errors import TempError
+from milters.core.errors import NeedsThread, TempError
 
 MAX_CACHED_ANSWERS = 4096
 
 
 class Resolver:
-    """A configured dnspython resolver. Immutable after construction; thread-safe."""
+    """A configured dnspython resolver; thread-safe. Its settings are fixed at
+    construction; `cache_only_thread` is set once per worker by the event loop."""
 
     def __init__(self, settings: DnsSettings) -> None:
         if settings.nameservers:
@@ -52,6 +54,10 @@ class Resolver:
         # exist. Failures are not kept: they are asked again. A dict's get and set
         # are atomic under the GIL; a stale read only costs one more lookup.
         self._answers: dict[tuple[str, str], tuple[float, list[dns.rdata.Rdata]]] = {}
+        # The Python core's event loop thread (core/eventloop.py), which must not
+        # wait on the network: there a lookup the cache cannot answer raises
+        # NeedsThread, and the loop runs the step again in a thread.
+        self.cache_only_thread = 0
 
     @property
     def dnspython(self) -> dns.resolver.Resolver:
@@ -64,6 +70,8 @@ class Resolver:
         hit = self._answers.get(key)
         if hit is not None and hit[0] > time.time():
             return list(hit[1])
+        if self.cache_only_thread and threading.get_ident() == self.cache_only_thread:
+            raise NeedsThread(f"DNS {rdtype} {name}")
         try:
             answer = self._resolver.resolve(name, rdtype, search=False)
         except dns.resolver.NXDOMAIN as exc:

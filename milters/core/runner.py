@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from milters.core import metrics, pyserver
+from milters.core import eventloop, metrics, pyserver
 from milters.core.adapter import LibmilterError, open_socket, serve_forever
 from milters.core.config import Config
 from milters.core.errors import ConfigError, MiltersError
@@ -149,6 +149,10 @@ class ListenerGate:
             self.paused = False
             return True
 
+    @property
+    def retired(self) -> bool:
+        return self._retired
+
     def retire(self) -> None:
         with self._lock:
             os.dup2(self._never_readable, self._fd)
@@ -197,7 +201,9 @@ def _worker(runtime: Runtime, listen_fd: int, max_connections: int, open_files: 
     ).start()
     status = 0
     try:
-        if runtime.config.global_.milter_core == "python":
+        if runtime.config.global_.milter_core == "python" and runtime.filter.waits_only_on_dns:
+            eventloop.serve_forever(runtime, sessions, max_connections, listen_fd, gate)
+        elif runtime.config.global_.milter_core == "python":
             pyserver.serve_forever(runtime, sessions, max_connections, listen_fd)
         else:
             serve_forever(runtime, sessions, max_connections)
@@ -207,6 +213,16 @@ def _worker(runtime: Runtime, listen_fd: int, max_connections: int, open_files: 
     _shutdown(runtime)
     logging.shutdown()
     os._exit(status)
+
+
+def _core_text(runtime: Runtime) -> str:
+    """The milter core as the start-up line names it."""
+    core = runtime.config.global_.milter_core
+    if core != "python":
+        return core
+    if runtime.filter.waits_only_on_dns:
+        return "python (event loop, a thread for a DNS lookup not cached)"
+    return "python (a thread per connection)"
 
 
 def _drain_on_request(runtime: Runtime, sessions: SessionCounter, gate: ListenerGate) -> None:
@@ -285,7 +301,7 @@ def run_filter(name: str, cfg: Config, build: Callable[[Config, str], Runtime],
     log.info("filter %s: listening on %s (Postfix: %s) with %d worker(s), mode=%s, "
              "milter core %s, max_connections=%d per worker, open-file limit %d", name,
              spec.libmilter, spec.postfix, cfg.workers_of(name), runtime.policy.mode,
-             cfg.global_.milter_core,
+             _core_text(runtime),
              connection_limit(name, settings.max_connections, open_files, warn=True), open_files)
 
     current = [runtime]

@@ -83,6 +83,8 @@ class DmarcFilter(Filter):
     default_port = 8893
     settings_class = DmarcSettings
     stages = Stage.HEADER | Stage.BODY
+    # History rows go to a journal and a writer thread; failure reports to a spool.
+    waits_only_on_dns = True
     may_quarantine = True
     ar_methods = frozenset({"dmarc"})
 
