@@ -216,9 +216,11 @@ class EventLoop:
                 raise ConnectionClosed("closed by the MTA")
         except BlockingIOError:
             return  # woken for nothing
-        except NeedsThread:
+        except NeedsThread as exc:
             # The step needs the network: a thread serves the rest (feed left
             # the step in the buffer).
+            log.debug("filter %s: %s not cached: a thread takes the connection over",
+                      self.handoff.name, exc)
             self._forget(fd)
             self.handoff.submit(conn)
             return

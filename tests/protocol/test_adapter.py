@@ -34,10 +34,11 @@ def start_scripted(factory: ProcessFactory, *args: str, core: str = "libmilter"
     return factory.start([sys.executable, str(SCRIPTED), str(port), *args], port, env=env)
 
 
-@pytest.fixture(scope="module", params=["libmilter", "python"])
+@pytest.fixture(scope="module", params=["libmilter", "python", "eventloop"])
 def core(request: pytest.FixtureRequest) -> str:
-    """Every test runs under both milter cores: libmilter (pymilter) and our own
-    protocol loop (core/pyserver.py), which drive the same adapter."""
+    """Every test runs under each milter core: libmilter (pymilter), and our own
+    protocol loop (core/pyserver.py) with a thread per connection or from the
+    event loop (core/eventloop.py); all drive the same adapter."""
     return str(request.param)
 
 
@@ -203,7 +204,7 @@ def test_prefork_workers_share_the_socket(processes: ProcessFactory, core: str) 
 
 def test_sigterm_drains_open_session(processes: ProcessFactory, core: str) -> None:
     proc = start_scripted(processes, core=core)
-    assert f"milter core {core}" in proc.output()
+    assert f"milter core {'python (event' if core == 'eventloop' else core}" in proc.output()
     spec = f"inet:{proc.port}@127.0.0.1"
     s = MilterSession(spec, timeout=30)
     s.open()

@@ -85,10 +85,15 @@ def main() -> int:
     mode = sys.argv[2] if len(sys.argv) > 2 else "enforce"
     on_error = sys.argv[3] if len(sys.argv) > 3 else "tempfail"
     workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    core = os.environ.get("SCRIPTED_MILTER_CORE", "libmilter")
+    if core == "eventloop":
+        # The Python core's event loop (core/eventloop.py) serves this filter.
+        ScriptedFilter.waits_only_on_dns = True
+        core = "python"
     cfg = build_config(
         {"global": {"authserv_id": "mx.test.example", "mode": mode, "on_error": on_error,
                     "bypass_recipients": ["postmaster@"],
-                    "milter_core": os.environ.get("SCRIPTED_MILTER_CORE", "libmilter")},
+                    "milter_core": core},
          "scripted": {"workers": workers}},
         "(scripted test)",
         {"scripted": ScriptedSettings},
