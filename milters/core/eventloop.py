@@ -54,6 +54,14 @@ POLL_SECONDS = ACCEPT_WAKE_SECONDS
 # After accept() fails for want of descriptors, the listener rests this long
 # (it stays readable: without a rest the loop would spin).
 ACCEPT_REST_SECONDS = 0.1
+# How long a reply may wait for room in the socket's send buffer before the
+# connection is dropped. A reply is a few bytes and an MTA reads them; only a
+# peer that sends and never reads fills the buffers (megabytes), and it must not
+# hold every other connection of the worker for the filter's whole timeout.
+SEND_SECONDS = 1.0
+
+
+_SEND_TIMEVAL = kernel_timeval(SEND_SECONDS)
 
 
 class Gate(Protocol):
@@ -191,9 +199,9 @@ class EventLoop:
             try:
                 if self._tcp:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                # Our writes block (a reply is a few bytes); a peer that stops
-                # reading is given the filter's timeout, not forever.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.timeval)
+                # Our writes block, briefly (SEND_SECONDS; a thread that takes
+                # the connection over sets the filter's timeout).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_TIMEVAL)
                 self.epoll.register(fd, select.EPOLLIN)
             except OSError:
                 sock.close()
