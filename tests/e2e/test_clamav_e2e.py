@@ -57,9 +57,10 @@ def test_virus_rejected_clean_mail_delivered_tagged(
     # The log line: queue id, virus name, back end, scan time.
     out = flt.output()
     assert re.search(r"queue_id=\S+ filter=clamav stage=eom .*verdict=reject 550 5\.7\.1 .*"
-                     r"\[virus=Eicar-Test-\S+ clamd=tcp:127\.0\.0\.1:\d+\]", out), out
-    assert re.search(rf"queue_id={ok.queue_id} filter=clamav scan clamd=tcp:\S+ bytes=\d+ "
-                     r"ms=[\d.]+ result=clean", out), out
+                     r"\[virus=Eicar-Test-\S+ clamd=tcp:127\.0\.0\.1:\d+ bytes=\d+ "
+                     r"scan_ms=[\d.]+\]", out), out
+    assert re.search(rf"queue_id={ok.queue_id} filter=clamav stage=eom .*verdict=accept "
+                     r"\[clean clamd=tcp:\S+ bytes=\d+ scan_ms=[\d.]+\]", out), out
 
 
 def test_quarantine_lands_in_the_hold_queue(
