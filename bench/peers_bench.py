@@ -298,11 +298,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = common.arg_parser("bench.peers_bench", __doc__)
     p.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 16, 64],
                    help="concurrent SMTP sessions")
-    p.add_argument("--count", type=int, default=600, help="messages per case (at most)")
+    # CPU is read from /proc in clock ticks (10 ms per process and reading): a case
+    # must run a couple of seconds of CPU to be read to a few percent; 600 messages
+    # (0.5 s of our CPU) left runs 10 % apart.
+    p.add_argument("--count", type=int, default=2000, help="messages per case (at most)")
     p.add_argument("--min-per-session", type=int, default=16,
                    help="at least this many messages per session in a case (64 sessions: "
                         "1024), so that the start and end of the senders weigh little")
-    p.add_argument("--max-seconds", type=float, default=15.0,
+    p.add_argument("--max-seconds", type=float, default=30.0,
                    help="a case stops sending after this long (the stalling peers manage "
                         "about 11 msgs/s at 1 session)")
     p.add_argument("--warmup", type=int, default=10, help="untimed messages before a case")

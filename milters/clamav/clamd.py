@@ -25,6 +25,7 @@ from milters.core.errors import TempError
 FRAME_SIZE = 64 * 1024  # bytes per INSTREAM chunk: few writes, little memory
 MAX_REPLY = 4096  # a verdict line is short; more is a protocol error
 _END = struct.pack("!L", 0)
+_TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
 
 
 class ClamdError(TempError):
@@ -92,29 +93,41 @@ def scan(backend: Backend, pieces: Iterable[bytes], connect_timeout: float,
             if reply:
                 return _parse(reply, sent)
             raise ClamdError(f"clamd {backend} closed the connection: {exc}") from None
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise ClamdError(f"clamd {backend} did not take the message in time") from None
         except OSError as exc:
             raise ClamdError(f"clamd {backend}: {exc.strerror or exc}") from None
         try:
             reply = _read_reply(sock, deadline)
-        except TimeoutError:
+        except (TimeoutError, BlockingIOError):
             raise ClamdError(f"clamd {backend} did not answer within {scan_timeout:g} s") from None
         except OSError as exc:
             raise ClamdError(f"clamd {backend}: {exc.strerror or exc}") from None
         return _parse(reply, sent)
 
 
+def _limit(sock: socket.socket, seconds: float, option: int = 0) -> None:
+    """How long the next writes and reads (or only `option`) may wait: the kernel's
+    SO_SNDTIMEO/SO_RCVTIMEO on a blocking socket. settimeout() would make Python
+    poll() before every connect, send and recv (four more system calls a scan); a
+    wait that runs out here fails with EAGAIN (EINPROGRESS for connect)."""
+    whole = int(seconds)
+    # At least a microsecond: a zero timeval means wait for ever.
+    timeval = _TIMEVAL.pack(whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
+    for opt in (option,) if option else (socket.SO_SNDTIMEO, socket.SO_RCVTIMEO):
+        sock.setsockopt(socket.SOL_SOCKET, opt, timeval)
+
+
 def _connect(backend: Backend, timeout: float) -> socket.socket:
     sock = socket.socket(backend.family, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
+        _limit(sock, timeout)
         sock.connect(backend.address)
         if backend.family != socket.AF_UNIX:
             # Our last frame and the end marker are small writes: never let
             # them wait for clamd's delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except TimeoutError:
+    except (TimeoutError, BlockingIOError):
         sock.close()
         raise ClamdError(f"clamd {backend}: no connection within {timeout:g} s") from None
     except OSError as exc:
@@ -143,11 +156,11 @@ def _send(sock: socket.socket, pieces: Iterable[bytes], deadline: float) -> int:
             buf += take
             sent += len(take)
             if len(buf) >= FRAME_SIZE:
-                sock.settimeout(_remaining(deadline))
+                _limit(sock, _remaining(deadline), socket.SO_SNDTIMEO)
                 sock.sendall(buf)
                 buf.clear()
     buf += _END
-    sock.settimeout(_remaining(deadline))
+    _limit(sock, _remaining(deadline), socket.SO_SNDTIMEO)
     sock.sendall(buf)
     return sent
 
@@ -155,7 +168,7 @@ def _send(sock: socket.socket, pieces: Iterable[bytes], deadline: float) -> int:
 def _read_reply(sock: socket.socket, deadline: float) -> bytes:
     reply = bytearray()
     while not reply.endswith(b"\0"):
-        sock.settimeout(_remaining(deadline))
+        _limit(sock, _remaining(deadline), socket.SO_RCVTIMEO)
         data = sock.recv(MAX_REPLY)
         if not data:
             break
@@ -167,7 +180,7 @@ def _read_reply(sock: socket.socket, deadline: float) -> bytes:
 
 def _try_reply(sock: socket.socket) -> bytes:
     try:
-        sock.settimeout(1.0)
+        _limit(sock, 1.0, socket.SO_RCVTIMEO)
         return sock.recv(MAX_REPLY)
     except OSError:
         return b""

@@ -491,7 +491,8 @@ _HANDLERS: types.MappingProxyType[bytes, Callable[[Connection, bytes], bool]] = 
 def kernel_timeval(seconds: float) -> bytes:
     """`seconds` as the struct timeval of SO_RCVTIMEO and SO_SNDTIMEO."""
     whole = int(seconds)
-    return _TIMEVAL.pack(whole, int((seconds - whole) * 1_000_000))
+    # At least a microsecond: a zero timeval means wait for ever.
+    return _TIMEVAL.pack(whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
 
 
 def _args(data: bytes) -> list[bytes]:
