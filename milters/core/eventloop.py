@@ -206,7 +206,7 @@ class EventLoop:
             except OSError:
                 sock.close()
                 continue
-            self.conns[fd] = MtaConnection(sock, self.klass, self.timeval)
+            self.conns[fd] = MtaConnection(sock, self.klass, self.timeval, self._tcp)
             self.last_read[fd] = now
 
     # -- connections ---------------------------------------------------------------
@@ -218,6 +218,8 @@ class EventLoop:
         self.last_read[fd] = now
         try:
             chunk = conn.sock.recv(65536, socket.MSG_DONTWAIT)
+            if chunk and conn.quick_ack:
+                conn.acknowledge()
             if chunk and conn.feed(chunk):
                 return
             if not chunk:
@@ -260,7 +262,8 @@ def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: i
     """Serve this worker's connections from the event loop, until the process ends."""
     name = runtime.filter.name
     timeout = float(runtime.config.filters[name].timeout)
-    klass = adapter_class(runtime, sessions, ContextMacros(), max_connections)
+    klass = adapter_class(runtime, sessions, ContextMacros(), max_connections,
+                          quick_ack=True)
     # This thread must never wait on the network (see the module docstring).
     runtime.env.resolver.cache_only_thread = threading.get_ident()
     # Room beyond max_connections so that a session over the limit is answered

@@ -212,9 +212,12 @@ class ContextMacros:
 class Connection:
     """One MTA connection: packets in, the Session's answers out."""
 
-    def __init__(self, sock: socket.socket, klass: type[Session], timeval: bytes) -> None:
+    def __init__(self, sock: socket.socket, klass: type[Session], timeval: bytes,
+                 quick_ack: bool = False) -> None:
         self.sock = sock
         self.klass = klass
+        # TCP: acknowledge each read at once (adapter_class quick_ack).
+        self.quick_ack = quick_ack
         self.timeval = timeval  # the filter's timeout as a struct timeval (kernel_timeval)
         self.buf = b""  # what was read and not yet run: the start of a packet
         self.ctx = Context()
@@ -250,8 +253,15 @@ class Connection:
             chunk = recv(65536)
             if not chunk:
                 raise ConnectionClosed("closed by the MTA")
+            if self.quick_ack:
+                self.acknowledge()
             if not self.feed(chunk):
                 return
+
+    def acknowledge(self) -> None:
+        """ACK what comes next at once: TCP_QUICKACK holds only until the kernel
+        falls back to delayed ACKs, so it is set again after every read."""
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     def feed(self, chunk: bytes) -> bool:
         """Run every whole packet `chunk` completes; False: the connection ends.
@@ -624,16 +634,18 @@ def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: i
     """Accept on the worker's listening fd (by its number: see the module docstring)
     and serve each MTA connection in the thread that accepted it."""
     timeout = float(runtime.config.filters[runtime.filter.name].timeout)
-    klass = adapter_class(runtime, sessions, ContextMacros(), max_connections)
+    klass = adapter_class(runtime, sessions, ContextMacros(), max_connections,
+                          quick_ack=True)
     listener = socket.socket(fileno=listen_fd)
     listener.setblocking(True)
     wake = kernel_timeval(ACCEPT_WAKE_SECONDS)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wake)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wake)
     timeval = kernel_timeval(timeout)
+    tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
 
     def serve(conn: socket.socket) -> None:
-        Connection(conn, klass, timeval).serve()
+        Connection(conn, klass, timeval, quick_ack=tcp).serve()
 
     # Room beyond max_connections so that the session over the limit is answered
     # 451 by the adapter, not left waiting for a thread.
