@@ -21,11 +21,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from milters.core.errors import TempError
+from milters.core.sockets import kernel_timeval, set_timeouts
 
 FRAME_SIZE = 64 * 1024  # bytes per INSTREAM chunk: few writes, little memory
 MAX_REPLY = 4096  # a verdict line is short; more is a protocol error
 _END = struct.pack("!L", 0)
-_TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
 
 
 class ClamdError(TempError):
@@ -106,22 +106,10 @@ def scan(backend: Backend, pieces: Iterable[bytes], connect_timeout: float,
         return _parse(reply, sent)
 
 
-def _limit(sock: socket.socket, seconds: float, option: int = 0) -> None:
-    """How long the next writes and reads (or only `option`) may wait: the kernel's
-    SO_SNDTIMEO/SO_RCVTIMEO on a blocking socket. settimeout() would make Python
-    poll() before every connect, send and recv (four more system calls a scan); a
-    wait that runs out here fails with EAGAIN (EINPROGRESS for connect)."""
-    whole = int(seconds)
-    # At least a microsecond: a zero timeval means wait for ever.
-    timeval = _TIMEVAL.pack(whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
-    for opt in (option,) if option else (socket.SO_SNDTIMEO, socket.SO_RCVTIMEO):
-        sock.setsockopt(socket.SOL_SOCKET, opt, timeval)
-
-
 def _connect(backend: Backend, timeout: float) -> socket.socket:
     sock = socket.socket(backend.family, socket.SOCK_STREAM)
     try:
-        _limit(sock, timeout)
+        set_timeouts(sock, kernel_timeval(timeout))  # no poll() per call
         sock.connect(backend.address)
         if backend.family != socket.AF_UNIX:
             # Our last frame and the end marker are small writes: never let
@@ -156,11 +144,11 @@ def _send(sock: socket.socket, pieces: Iterable[bytes], deadline: float) -> int:
             buf += take
             sent += len(take)
             if len(buf) >= FRAME_SIZE:
-                _limit(sock, _remaining(deadline), socket.SO_SNDTIMEO)
+                set_timeouts(sock, kernel_timeval(_remaining(deadline)), receive=False)
                 sock.sendall(buf)
                 buf.clear()
     buf += _END
-    _limit(sock, _remaining(deadline), socket.SO_SNDTIMEO)
+    set_timeouts(sock, kernel_timeval(_remaining(deadline)), receive=False)
     sock.sendall(buf)
     return sent
 
@@ -168,7 +156,7 @@ def _send(sock: socket.socket, pieces: Iterable[bytes], deadline: float) -> int:
 def _read_reply(sock: socket.socket, deadline: float) -> bytes:
     reply = bytearray()
     while not reply.endswith(b"\0"):
-        _limit(sock, _remaining(deadline), socket.SO_RCVTIMEO)
+        set_timeouts(sock, kernel_timeval(_remaining(deadline)), send=False)
         data = sock.recv(MAX_REPLY)
         if not data:
             break
@@ -180,7 +168,7 @@ def _read_reply(sock: socket.socket, deadline: float) -> bytes:
 
 def _try_reply(sock: socket.socket) -> bytes:
     try:
-        _limit(sock, 1.0, socket.SO_RCVTIMEO)
+        set_timeouts(sock, kernel_timeval(1.0), send=False)
         return sock.recv(MAX_REPLY)
     except OSError:
         return b""

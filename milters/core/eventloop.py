@@ -41,10 +41,10 @@ from milters.core.pyserver import (
     SPARE_THREADS,
     ConnectionClosed,
     ContextMacros,
-    kernel_timeval,
 )
 from milters.core.pyserver import Connection as MtaConnection
 from milters.core.runtime import Runtime, SessionCounter
+from milters.core.sockets import kernel_timeval, set_timeouts
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ class EventLoop:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # Our writes block, briefly (SEND_SECONDS; a thread that takes
                 # the connection over sets the filter's timeout).
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_TIMEVAL)
+                set_timeouts(sock, _SEND_TIMEVAL, receive=False)
                 self.epoll.register(fd, select.EPOLLIN)
             except OSError:
                 sock.close()

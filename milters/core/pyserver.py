@@ -43,13 +43,13 @@ from milters.core.adapter import (
 from milters.core.errors import NeedsThread
 from milters.core.macroreader import Macros, normalize
 from milters.core.runtime import Runtime, SessionCounter
+from milters.core.sockets import kernel_timeval, set_timeouts
 
 log = logging.getLogger(__name__)
 
 _HEAD = struct.Struct(">I")
 _OPTNEG = struct.Struct(">III")
 _INDEX = struct.Struct(">I")
-_TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
 # Packets larger than this are not from an MTA (Postfix sends a header field whole,
 # up to header_size_limit, 100 KB by default; body chunks are 64 KB).
 MAX_PACKET = 1024 * 1024
@@ -228,11 +228,9 @@ class Connection:
     def serve(self) -> None:
         """Serve the connection to its end in this thread (from its start, or
         from where the event loop handed it over: core/eventloop.py)."""
-        # The kernel's timeouts, not settimeout(): with settimeout() Python polls
-        # before every recv and send (a third of this loop's system calls); a
-        # blocking socket with SO_RCVTIMEO fails the same read after the same time.
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, self.timeval)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self.timeval)
+        # The kernel's timeouts: settimeout()'s polls were a third of this loop's
+        # system calls.
+        set_timeouts(self.sock, self.timeval)
         try:
             if not self.buf or self.feed(b""):
                 self._loop()
@@ -498,13 +496,6 @@ _HANDLERS: types.MappingProxyType[bytes, Callable[[Connection, bytes], bool]] = 
     }))
 
 
-def kernel_timeval(seconds: float) -> bytes:
-    """`seconds` as the struct timeval of SO_RCVTIMEO and SO_SNDTIMEO."""
-    whole = int(seconds)
-    # At least a microsecond: a zero timeval means wait for ever.
-    return _TIMEVAL.pack(whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
-
-
 def _args(data: bytes) -> list[bytes]:
     """MAIL or RCPT arguments; none at all is not from an MTA (libmilter closes)."""
     parts = data.split(b"\0")
@@ -638,9 +629,7 @@ def serve_forever(runtime: Runtime, sessions: SessionCounter, max_connections: i
                           quick_ack=True)
     listener = socket.socket(fileno=listen_fd)
     listener.setblocking(True)
-    wake = kernel_timeval(ACCEPT_WAKE_SECONDS)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, wake)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wake)
+    set_timeouts(listener, kernel_timeval(ACCEPT_WAKE_SECONDS))
     timeval = kernel_timeval(timeout)
     tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
 

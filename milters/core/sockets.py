@@ -1,4 +1,5 @@
-"""Milter socket specs as administrators write them, normalised for libmilter.
+"""Milter socket specs as administrators write them, normalised for libmilter; and
+the kernel's timeouts on a blocking socket.
 
 Accepted: `inet:PORT@HOST` (OpenDKIM, libmilter), `inet:HOST:PORT` (Postfix
 smtpd_milters), `inet6:PORT@HOST`, `inet6:[HOST]:PORT`, `unix:/path`, `local:/path`.
@@ -8,7 +9,31 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
+import struct
 from dataclasses import dataclass
+
+_TIMEVAL = struct.Struct("@ll")  # struct timeval on Linux
+
+
+def kernel_timeval(seconds: float) -> bytes:
+    """`seconds` as the struct timeval of SO_RCVTIMEO and SO_SNDTIMEO."""
+    whole = int(seconds)
+    # At least a microsecond: a zero timeval means wait for ever.
+    return _TIMEVAL.pack(whole, max(int((seconds - whole) * 1_000_000), 0 if whole else 1))
+
+
+def set_timeouts(sock: socket.socket, timeval: bytes, *, send: bool = True,
+                 receive: bool = True) -> None:
+    """How long a blocking socket's writes and reads may wait (kernel_timeval).
+
+    The kernel's timeouts rather than settimeout(), which makes Python poll()
+    before every connect, send and recv. A wait that runs out fails with EAGAIN
+    (BlockingIOError; EINPROGRESS for connect)."""
+    if send:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    if receive:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 

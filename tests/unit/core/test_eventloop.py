@@ -21,8 +21,9 @@ from milters.core.adapter import Session, adapter_class
 from milters.core.envelope import Envelope
 from milters.core.errors import NeedsThread
 from milters.core.eventloop import EventLoop, Handoff
-from milters.core.pyserver import Connection, ContextMacros, kernel_timeval
+from milters.core.pyserver import Connection, ContextMacros
 from milters.core.runtime import Runtime, SessionCounter
+from milters.core.sockets import kernel_timeval
 from tests.support.dns import LoopbackDNS, dns_server
 
 

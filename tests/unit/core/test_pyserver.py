@@ -88,7 +88,8 @@ def test_macros_later_stages_win_and_odd_lists_are_named() -> None:
 
 def test_macro_packets_are_kept_by_stage() -> None:
     from milters.core.adapter import Session
-    from milters.core.pyserver import Connection, kernel_timeval
+    from milters.core.pyserver import Connection
+    from milters.core.sockets import kernel_timeval
 
     a, b = socket.socketpair()
     try:
@@ -112,7 +113,8 @@ def test_a_silent_mta_is_timed_out_by_the_kernel() -> None:
     import threading
 
     from milters.core.adapter import Session
-    from milters.core.pyserver import Connection, kernel_timeval
+    from milters.core.pyserver import Connection
+    from milters.core.sockets import kernel_timeval
 
     a, b = socket.socketpair()
     try:
@@ -134,7 +136,8 @@ def test_macros_are_parsed_again_only_after_a_new_packet() -> None:
     first = ctx.read_macros()
     assert ctx.read_macros() is first
     from milters.core.adapter import Session
-    from milters.core.pyserver import Connection, kernel_timeval
+    from milters.core.pyserver import Connection
+    from milters.core.sockets import kernel_timeval
 
     a, b = socket.socketpair()
     try:
