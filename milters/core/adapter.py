@@ -285,15 +285,15 @@ class Session(Milter.Base):  # type: ignore[misc]
         return int(Milter.CONTINUE)
 
     def take_header(self, name: str, value: bytes) -> bool:
-        """The header step of the Python core (core/pyserver.py) when nothing can go
-        wrong: a transaction is open and no refusal or late HELO waits, so the field
-        is kept without the callback machinery around `_header` (about half a
-        filter's callbacks are header fields). False: take the full path."""
-        tx = self.tx
-        if (tx is None or not self.takes_headers or self._refusal is not None
+        """The header step of the Python core (core/pyserver.py) where `_guard`
+        would call `_header` straight away and `_header` cannot fail (a transaction
+        is open, no refusal or late HELO waits): without the wrappers around it
+        (about half a filter's callbacks are header fields). False: take the full
+        path."""
+        if (self.tx is None or not self.takes_headers or self._refusal is not None
                 or self._pending is not None or self._helo_late):
             return False
-        tx.headers.append(Header(name, value))
+        self._header(name, value)
         return True
 
     def _eoh(self) -> int:

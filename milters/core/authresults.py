@@ -159,7 +159,8 @@ MAX_FIELD = 64 * 1024
 # upstream host of trust a few; thousands are an attack, not mail.
 MAX_TRUSTED_FIELDS = 16
 
-_FWS = re.compile(r"[ \t\r\n]*")
+_WSP = r"[ \t\r\n]"  # what folding white space is made of
+_FWS = re.compile(_WSP + "*")
 _CTEXT = re.compile(r"[^()\\]+")
 _QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"', re.S)
 _ID_TOKEN = re.compile(r'[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+')
@@ -316,17 +317,16 @@ def _read_scanned(text: str) -> ArField | None:
 # resinfo and per property instead of a scanner call per token (a fifth of
 # dmarc's work per message went to reading one upstream field).
 _NOT_PLAIN = re.compile(r'[("\\]')
-_PLAIN_ID = re.compile(r'[ \t\r\n]*([^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+)')
-_PLAIN_HEAD = re.compile(r"(?:[ \t\r\n]+(?:[0-9]+[ \t\r\n]*)?)?;")
-_PLAIN_NONE = re.compile(r"[ \t\r\n]*(?i:none)[ \t\r\n]*\Z")
+# The scanner's own patterns, put together: FWS, then the token the scanner takes.
+_W = _FWS.pattern
+_PLAIN_ID = re.compile(f"{_W}({_ID_TOKEN.pattern})")
+_PLAIN_HEAD = re.compile(f"(?:{_WSP}+(?:{_DIGITS.pattern}{_W})?)?;")  # [authres-version] ;
+_PLAIN_NONE = re.compile(f"{_W}(?i:none){_W}\\Z")
 _PLAIN_RESINFO = re.compile(
-    r"[ \t\r\n]*([A-Za-z0-9_-]+)[ \t\r\n]*(?:/[ \t\r\n]*[0-9]+[ \t\r\n]*)?"
-    r"=[ \t\r\n]*([A-Za-z0-9_-]+)")
+    f"{_W}({_KEYWORD.pattern}){_W}(?:/{_W}{_DIGITS.pattern}{_W})?={_W}({_KEYWORD.pattern})")
 _PLAIN_PROP = re.compile(
-    r'[ \t\r\n]*(?:(?i:reason)[ \t\r\n]*=[ \t\r\n]*[^\x00-\x20\x7f()<>@,;:\\"/\[\]?=]+'
-    r"|([A-Za-z0-9_-]+)[ \t\r\n]*\.[ \t\r\n]*([A-Za-z0-9_-]+)[ \t\r\n]*"
-    r'=[ \t\r\n]*([^\s;()"]+))')
-_PLAIN_GAP = re.compile(r"[ \t\r\n]*")
+    f"{_W}(?:(?i:reason){_W}={_W}{_ID_TOKEN.pattern}"  # reasonspec
+    f"|({_KEYWORD.pattern}){_W}\\.{_W}({_KEYWORD.pattern}){_W}={_W}({_PVALUE.pattern}))")
 
 
 def _read_plain(text: str) -> ArField | None:
@@ -346,7 +346,7 @@ def _read_plain(text: str) -> ArField | None:
         return ArField(ident, ())
     results: list[ArResult] = []
     while True:
-        pos = _PLAIN_GAP.match(text, pos).end()  # type: ignore[union-attr]
+        pos = _FWS.match(text, pos).end()  # type: ignore[union-attr]
         if pos >= end:
             break  # a trailing ';'
         m = _PLAIN_RESINFO.match(text, pos)
@@ -355,7 +355,7 @@ def _read_plain(text: str) -> ArField | None:
         props: dict[str, str] = {}
         pos = m.end()
         while True:
-            pos = _PLAIN_GAP.match(text, pos).end()  # type: ignore[union-attr]
+            pos = _FWS.match(text, pos).end()  # type: ignore[union-attr]
             if pos >= end or text[pos] == ";":
                 break
             p = _PLAIN_PROP.match(text, pos)

@@ -55,6 +55,9 @@ _INDEX = struct.Struct(">I")
 MAX_PACKET = 1024 * 1024
 _FAMILIES = types.MappingProxyType(
     {b"4": socket.AF_INET, b"6": socket.AF_INET6, b"L": socket.AF_UNIX})
+# The no-reply bits of the steps the core may answer itself (_continue_unless).
+_NR_CONN = int(protocol.ProtocolFlag.NR_CONN)
+_NR_HELO = int(protocol.ProtocolFlag.NR_HELO)
 _NR_HDR = int(protocol.ProtocolFlag.NR_HDR)
 # libmilter's ctx_state names for the stages whose arguments may not decode.
 _ST_MAIL = 4
@@ -83,8 +86,9 @@ class Context:
         # are never read (the adapter reads at connect, MAIL and end of message).
         self.macros: dict[bytes, bytes] = {}
         self._last = b""  # the stage of the last packet (the end of `macros`)
-        # The merged view so far: the stages in it, in order, and their values.
-        self._merged: list[bytes] = []
+        # The merged view so far: how many stages (the first of `macros`) are in it,
+        # their values and their odd lists.
+        self._merged = 0
         self._values: dict[str, str] = {}
         self._odd: list[str] = []
         # The adapter reads the macros several times a message (connect, MAIL,
@@ -151,7 +155,7 @@ class Context:
             return
         if stage in self.macros:
             del self.macros[stage]
-            self._merged = []  # a stage went back: merge again from the start
+            self._merged = 0  # a stage went back: merge again from the start
         self.macros[stage] = data
         self._last = stage
         self.parsed = None
@@ -160,17 +164,16 @@ class Context:
         if self.parsed is None:
             # Stages only ever add at the end (add_macros), so what was merged
             # stays merged: only the stages sent since the last read are parsed.
-            merged = self._merged
-            if not merged:
+            if not self._merged:
                 self._values = {}
                 self._odd = []
             stages = list(self.macros)
-            for stage in stages[len(merged):]:
+            for stage in stages[self._merged:]:
                 values, odd = _parse_stage(self.macros[stage])
                 if odd:
                     self._odd.append(stage.decode("ascii", "replace"))
                 self._values.update(values)
-            self._merged = stages
+            self._merged = len(stages)
             self.parsed = Macros(dict(self._values), tuple(self._odd))
         return self.parsed
 
@@ -334,7 +337,7 @@ class Connection:
         host, family, hostaddr = _connect_args(data)
         name = self._decoded(host, session)
         if name is None:
-            self._skipped(protocol.ProtocolFlag.NR_CONN)
+            self._continue_unless(_NR_CONN)
         else:
             self._send(session.connect(name, family, hostaddr))
         return True
@@ -344,7 +347,7 @@ class Connection:
         self.ctx.state = _ST_HELO
         helo = self._decoded(data.split(b"\0", 1)[0], session)
         if helo is None:
-            self._skipped(protocol.ProtocolFlag.NR_HELO)
+            self._continue_unless(_NR_HELO)
         else:
             self._send(session.hello(helo))
         return True
@@ -381,11 +384,8 @@ class Connection:
         if not sep or not rest.endswith(b"\0"):
             raise ConnectionClosed("header without its value")
         name = self._decoded(raw_name, session)
-        if name is None:
-            self._skipped(protocol.ProtocolFlag.NR_HDR)
-        elif session.take_header(name, rest[:-1]):
-            if not self.protocol & _NR_HDR:
-                self._send(CONTINUE)
+        if name is None or session.take_header(name, rest[:-1]):
+            self._continue_unless(_NR_HDR)
         else:
             self._send(session.header(name, rest[:-1]))
         return True
@@ -435,10 +435,11 @@ class Connection:
         self._send(CONTINUE)
         return True
 
-    def _skipped(self, no_reply: protocol.ProtocolFlag) -> None:
-        """A callback pymilter could not call: CONTINUE, as its exception policy
-        answers, unless that step was negotiated to take no reply at all."""
-        if not self.protocol & int(no_reply):
+    def _continue_unless(self, no_reply: int) -> None:
+        """CONTINUE, unless the step was negotiated to take no reply at all: for a
+        callback pymilter could not call (as its exception policy answers), and for
+        a header field the session took without its callback (take_header)."""
+        if not self.protocol & no_reply:
             self._send(CONTINUE)
 
     def _decoded(self, raw: bytes, session: Session) -> str | None:

@@ -201,9 +201,10 @@ def _worker(runtime: Runtime, listen_fd: int, max_connections: int, open_files: 
     ).start()
     status = 0
     try:
-        if runtime.config.global_.milter_core == "python" and runtime.filter.waits_only_on_dns:
+        serving = _serving(runtime)
+        if serving == "event loop":
             eventloop.serve_forever(runtime, sessions, max_connections, listen_fd, gate)
-        elif runtime.config.global_.milter_core == "python":
+        elif serving == "thread per connection":
             pyserver.serve_forever(runtime, sessions, max_connections, listen_fd)
         else:
             serve_forever(runtime, sessions, max_connections)
@@ -215,12 +216,20 @@ def _worker(runtime: Runtime, listen_fd: int, max_connections: int, open_files: 
     os._exit(status)
 
 
+def _serving(runtime: Runtime) -> str:
+    """How a worker serves its connections: libmilter, or the Python core from an
+    event loop (a filter that waits only on DNS) or with a thread per connection."""
+    if runtime.config.global_.milter_core != "python":
+        return "libmilter"
+    return "event loop" if runtime.filter.waits_only_on_dns else "thread per connection"
+
+
 def _core_text(runtime: Runtime) -> str:
     """The milter core as the start-up line names it."""
-    core = runtime.config.global_.milter_core
-    if core != "python":
-        return core
-    if runtime.filter.waits_only_on_dns:
+    serving = _serving(runtime)
+    if serving == "libmilter":
+        return serving
+    if serving == "event loop":
         return "python (event loop, a thread for a DNS lookup not cached)"
     return "python (a thread per connection)"
 
