@@ -161,7 +161,7 @@ def run(args: argparse.Namespace, deployment: str = "sockets",
             publish(dns, keys)
             filtered = deployment != "none"
             if filtered:
-                suite = start_suite(factory, work, keys, dns, clamd.tcp, workers=args.workers,
+                suite = start_suite(factory, work, keys, dns, clamd.unix, workers=args.workers,
                                     dns_timeout=2.0, clamd_timeout=5.0,
                                     chain=deployment == "chain", core=args.milter_core)
                 # Postfix opens a milter dialogue for the loopback connection and

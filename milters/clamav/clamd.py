@@ -1,4 +1,5 @@
-"""A small clamd INSTREAM client: stream a message in chunks, read one verdict.
+"""A small clamd client: stream a message in chunks (INSTREAM) or, to a clamd on
+a unix socket, hand it the message as a descriptor (FILDES); read one verdict.
 
 Why not pyclamd's scan_stream: it uses socket.send (not sendall) so a partial
 write silently corrupts the stream, sends each chunk's length and data as two
@@ -10,10 +11,19 @@ length to end, and a NUL-terminated reply (clamd's "z" command form).
 
 Memory stays bounded: the caller hands an iterator of pieces (the header block,
 then the spooled body's chunks) and at most one frame is held at a time.
+
+Why FILDES for a small message to a local clamd (as clamav-milter does with its
+own temporary file): for INSTREAM clamd writes the stream to a file of its own in
+its TemporaryDirectory, creates, scans and unlinks it; with FILDES it scans the
+descriptor it is given. We pass an anonymous memory file (memfd), so the message
+touches no disk on either side: clamd's CPU per small message fell from 0.23 to
+0.16 ms alone, and under a loaded Postfix, whose queue files compete for the same
+file system, by more (README, "clamav").
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import time
@@ -24,6 +34,10 @@ from milters.core.errors import TempError
 from milters.core.sockets import kernel_timeval, set_timeouts
 
 FRAME_SIZE = 64 * 1024  # bytes per INSTREAM chunk: few writes, little memory
+# A message up to this size is in memory already (core/model.py spools larger
+# bodies): it may go to a unix-socket clamd as a memfd. Larger ones are streamed,
+# so a memfd never doubles a large message in memory.
+DESCRIPTOR_MAX = 256 * 1024
 MAX_REPLY = 4096  # a verdict line is short; more is a protocol error
 _END = struct.pack("!L", 0)
 
@@ -34,6 +48,11 @@ class ClamdError(TempError):
 
 class SizeLimitExceeded(ClamdError):
     """clamd refused the stream: larger than its StreamMaxLength"""
+
+
+class DescriptorRefused(ClamdError):
+    """clamd took the connection but could not scan the descriptor we passed (an
+    AppArmor profile that denies it, a clamd without FILDES): stream instead"""
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,55 @@ class ScanResult:
     @property
     def infected(self) -> bool:
         return bool(self.virus)
+
+
+def takes_descriptor(backend: Backend, size: int) -> bool:
+    """Whether a message of `size` bytes goes to `backend` as a descriptor."""
+    return backend.family == socket.AF_UNIX and size <= DESCRIPTOR_MAX
+
+
+def scan_descriptor(backend: Backend, pieces: Iterable[bytes], connect_timeout: float,
+                    scan_timeout: float) -> ScanResult:
+    """FILDES: `pieces` written to a memfd whose descriptor clamd is sent (a unix
+    socket only). Raises DescriptorRefused when clamd cannot use it, ClamdError
+    otherwise."""
+    fd = os.memfd_create("milters-clamav", os.MFD_CLOEXEC)
+    try:
+        sent = 0
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+                sent += written
+        # clamd reads from the start whatever our offset; its reply names no
+        # file, only `fd[N]:`.
+        sock = _connect(backend, connect_timeout)
+        with sock:
+            deadline = time.monotonic() + scan_timeout
+            try:
+                sock.sendall(b"zFILDES\0")
+                # The descriptor travels with a byte of its own: clamd reads the
+                # command first and takes ancillary data only after it.
+                sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                         struct.pack("i", fd))])
+                reply = _read_reply(sock, deadline)
+            except (TimeoutError, BlockingIOError):
+                raise ClamdError(
+                    f"clamd {backend} did not answer within {scan_timeout:g} s") from None
+            except OSError as exc:
+                raise DescriptorRefused(f"clamd {backend}: {exc.strerror or exc}") from None
+    except OSError as exc:  # memfd: out of memory or descriptors
+        raise ClamdError(f"cannot pass the message to clamd {backend}: "
+                         f"{exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        return _parse(reply, sent)
+    except SizeLimitExceeded:
+        raise
+    except ClamdError as exc:
+        raise DescriptorRefused(str(exc)) from None
 
 
 def scan(backend: Backend, pieces: Iterable[bytes], connect_timeout: float,

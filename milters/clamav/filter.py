@@ -2,12 +2,14 @@
 
 Built once from settings; check() keeps per-message state in locals, so
 libmilter threads share one filter. The only shared mutable state is which
-clamd back ends failed recently (tried last for `retry_after` seconds), kept
-under a lock.
+clamd back ends failed recently (tried last for `retry_after` seconds) and which
+unix-socket ones cannot take a descriptor (streamed to from then on), kept under
+a lock.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -17,16 +19,21 @@ from milters import __version__
 from milters.clamav.clamd import (
     Backend,
     ClamdError,
+    DescriptorRefused,
     ScanResult,
     SizeLimitExceeded,
     parse_backend,
     scan,
+    scan_descriptor,
+    takes_descriptor,
 )
 from milters.clamav.settings import ClamavSettings, parse_reply_template
 from milters.core.config import FilterSettings
 from milters.core.filter import Env, Filter, Stage
 from milters.core.model import Transaction
 from milters.core.verdict import Action, EditKind, HeaderEdit, Reply, Verdict
+
+log = logging.getLogger(__name__)
 
 SCANNED_HEADER = "X-Virus-Scanned"
 STATUS_HEADER = "X-Virus-Status"
@@ -41,8 +48,8 @@ MBOX_LINE = b"From milters-clamav\r\n"
 
 
 class ClamavFilter(Filter):
-    """Virus scanning through clamd, replacing clamav-milter: each message is streamed
-    whole to clamd (INSTREAM), back ends tried in order. README.md maps every
+    """Virus scanning through clamd, replacing clamav-milter: each message goes whole
+    to clamd (INSTREAM, or FILDES to a local clamd), back ends tried in order. README.md maps every
     clamav-milter.conf option onto these keys."""
 
     name = "clamav"
@@ -63,6 +70,7 @@ class ClamavFilter(Filter):
         self.scanned_value = f"milters-clamav {__version__} at {host}"
         self._lock = threading.Lock()
         self._failed_until: dict[Backend, float] = {}
+        self._streamed_only: set[Backend] = set()
 
     def describe(self) -> list[str]:
         return [f"clamd back end {i}: {b}" for i, b in enumerate(self.backends, 1)]
@@ -86,7 +94,7 @@ class ClamavFilter(Filter):
             if s.on_oversize != "truncate":
                 return self._oversize(tx, size)
             limit = s.max_scan_size
-        pieces = _Pieces(header, tx, limit)
+        pieces = _Pieces(header, tx, limit, size)
         started = time.perf_counter()
         try:
             backend, result, notes = self._scan_with_failover(pieces)
@@ -187,11 +195,10 @@ class ClamavFilter(Filter):
                 self._failed_until.pop(backend, None)
 
     def _scan_with_failover(self, pieces: _Pieces) -> tuple[Backend, ScanResult, list[str]]:
-        s = self.clamav
         notes: list[str] = []
         for backend in self._order():
             try:
-                result = scan(backend, pieces, s.connect_timeout, s.scan_timeout)
+                result = self._scan(backend, pieces)
             except SizeLimitExceeded:
                 self._mark(backend, failed=False)
                 raise
@@ -203,6 +210,26 @@ class ClamavFilter(Filter):
             self._mark(backend, failed=False)
             return backend, result, notes
         raise _AllFailed(tuple(notes))
+
+    def _scan(self, backend: Backend, pieces: _Pieces) -> ScanResult:
+        s = self.clamav
+        if not takes_descriptor(backend, pieces.size) or backend in self._streamed_only:
+            return scan(backend, pieces, s.connect_timeout, s.scan_timeout)
+        try:
+            return scan_descriptor(backend, pieces, s.connect_timeout, s.scan_timeout)
+        except DescriptorRefused as exc:
+            refused = exc
+        # Stream the same message: when that works, the descriptor was the
+        # trouble (not the message, not clamd), so stop passing one to it.
+        result = scan(backend, pieces, s.connect_timeout, s.scan_timeout)
+        with self._lock:
+            first = backend not in self._streamed_only
+            self._streamed_only.add(backend)
+        if first:
+            log.warning("clamd %s could not scan a passed descriptor (%s): streaming "
+                        "every message to it with INSTREAM instead (an AppArmor "
+                        "profile denying it?)", backend, refused)
+        return result
 
 
 class _AllFailed(ClamdError):
@@ -216,10 +243,11 @@ class _AllFailed(ClamdError):
 class _Pieces:
     """The message as clamd sees it, iterable again for each back end tried."""
 
-    def __init__(self, header: bytes, tx: Transaction, limit: int) -> None:
+    def __init__(self, header: bytes, tx: Transaction, limit: int, whole: int) -> None:
         self.header = header
         self.tx = tx
         self.limit = limit
+        self.size = min(whole, limit) if limit else whole  # bytes clamd is sent
 
     def __iter__(self) -> Iterator[bytes]:
         pieces = self._all()

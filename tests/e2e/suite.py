@@ -94,7 +94,7 @@ def publish(dns: LoopbackDNS, keys: Keys) -> None:
     dns.txt(FORGED, "v=spf1 ip4:203.0.113.0/24 -all")
 
 
-def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
+def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_socket: str,
                 ports: dict[str, int],
                 mode: str = "enforce", dns_timeout: float = 1.0, workers: int = 1,
                 clamd_timeout: float = 2.0, chain: bool = False, core: str = "libmilter") -> str:
@@ -117,7 +117,7 @@ def config_text(directory: Path, keydir: Path, dns: LoopbackDNS, clamd_tcp: str,
         f'[spf]\n{sockets["spf"]}\n'
         f'[dmarc]\n{sockets["dmarc"]}reject_failures = true\n'
         f'history = "{directory}/history-{mode}.sqlite"\n\n'
-        f'[clamav]\n{sockets["clamav"]}clamd_sockets = ["{clamd_tcp}"]\n'
+        f'[clamav]\n{sockets["clamav"]}clamd_sockets = ["{clamd_socket}"]\n'
         f"connect_timeout = {clamd_timeout}\nscan_timeout = {clamd_timeout * 2}\n"
         f"retry_after = 0.0\n\n"
         f'[checks]\n{sockets["checks"]}header_checks = ["regexp:{rules}"]\n'
@@ -188,7 +188,7 @@ def chain_ports() -> dict[str, int]:
 
 
 def start_suite(factory: ProcessFactory, directory: Path, keys: Keys, dns: LoopbackDNS,
-                clamd_tcp: str, mode: str = "enforce", serve: bool = False,
+                clamd_socket: str, mode: str = "enforce", serve: bool = False,
                 chain: bool = False, core: str = "libmilter", **options: float) -> Suite:
     """Start the chain with one config, as one process per step (`milters run`),
     one `milters serve`, or (`chain`) the one-dialogue chain socket; return once
@@ -197,7 +197,7 @@ def start_suite(factory: ProcessFactory, directory: Path, keys: Keys, dns: Loopb
     ports = chain_ports()
     how = "serve" if serve else "run"
     config_path = directory / f"milters-{mode}-{how}{'-chain' if chain else ''}-{core}.toml"
-    text = config_text(directory, keys.directory / OURS, dns, clamd_tcp, ports, mode=mode,
+    text = config_text(directory, keys.directory / OURS, dns, clamd_socket, ports, mode=mode,
                        chain=chain, core=core, **options)
     config_path.write_text(text)
     base = [sys.executable, "-m", "milters"]

@@ -154,11 +154,11 @@ def corpus(keydir: Path) -> list[Sent]:
 @pytest.fixture(scope="module")
 def deployments(factory: ProcessFactory, workdir: Path, dns: LoopbackDNS, clamd: Clamd,
                 keys: Keys) -> dict[str, Suite]:
-    return {"sockets": start_suite(factory, workdir / "sockets", keys, dns, clamd.tcp),
-            "chain": start_suite(factory, workdir / "chain", keys, dns, clamd.tcp,
+    return {"sockets": start_suite(factory, workdir / "sockets", keys, dns, clamd.unix),
+            "chain": start_suite(factory, workdir / "chain", keys, dns, clamd.unix,
                                  chain=True),
             # The same chain served by the Python milter core (core/pyserver.py).
-            "python": start_suite(factory, workdir / "python", keys, dns, clamd.tcp,
+            "python": start_suite(factory, workdir / "python", keys, dns, clamd.unix,
                                   chain=True, core="python")}
 
 

@@ -57,7 +57,7 @@ OUTSIDE = {"ADDR": OUTSIDE_IP, "NAME": "mx.outside.example", "HELO": "mx.outside
 def enforcing(request: pytest.FixtureRequest, factory: ProcessFactory, workdir: Path,
               dns: LoopbackDNS, clamd: Clamd, keys: Keys) -> Suite:
     chain = request.param == "chain"
-    return start_suite(factory, workdir / request.param, keys, dns, clamd.tcp, chain=chain)
+    return start_suite(factory, workdir / request.param, keys, dns, clamd.unix, chain=chain)
 
 
 @pytest.fixture
