@@ -219,8 +219,9 @@ class Connection:
                  quick_ack: bool = False) -> None:
         self.sock = sock
         self.klass = klass
-        # TCP: acknowledge each read at once (adapter_class quick_ack).
+        # TCP: acknowledge each read at once (adapter_class quick_ack; take()).
         self.quick_ack = quick_ack
+        self.sends = 0  # replies written: whether a read's ACK went out with one
         self.timeval = timeval  # the filter's timeout as a struct timeval (kernel_timeval)
         self.buf = b""  # what was read and not yet run: the start of a packet
         self.ctx = Context()
@@ -250,18 +251,32 @@ class Connection:
 
     def _loop(self) -> None:
         recv = self.sock.recv
+        take = self.take if self.quick_ack else self.feed
         while True:
             chunk = recv(65536)
             if not chunk:
                 raise ConnectionClosed("closed by the MTA")
-            if self.quick_ack:
-                self.acknowledge()
-            if not self.feed(chunk):
+            if not take(chunk):
                 return
 
+    def take(self, chunk: bytes) -> bool:
+        """feed(chunk), then ACK it at once unless a reply of ours already did.
+
+        A read we answer needs nothing more: the reply carries the ACK. A read we
+        do not answer (the steps negotiated without a reply) would leave the ACK
+        delayed, and Postfix's next small write waiting for it (Nagle) for 40 ms:
+        TCP_QUICKACK sends the pending ACK now. It holds only until the kernel
+        falls back to delayed ACKs, so it is set after each such read (a system
+        call per read saved where a reply went out, most reads of a message).
+        """
+        sends = self.sends
+        try:
+            return self.feed(chunk)
+        finally:
+            if self.sends == sends:
+                self.acknowledge()
+
     def acknowledge(self) -> None:
-        """ACK what comes next at once: TCP_QUICKACK holds only until the kernel
-        falls back to delayed ACKs, so it is set again after every read."""
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     def feed(self, chunk: bytes) -> bool:
@@ -316,6 +331,7 @@ class Connection:
         ctx.reply = None
         if out:
             self.sock.sendall(out)
+            self.sends += 1
 
     # -- one method per command; each returns False to end the connection -------
 
@@ -465,6 +481,7 @@ class Connection:
         session.negotiate(opts)
         self.session = session
         self.protocol = opts[1]
+        self.sends += 1
         self.sock.sendall(_packet(protocol.SMFIC_OPTNEG, _OPTNEG.pack(
             protocol.PROTOCOL_VERSION, opts[0] & actions, opts[1] & offered)))
         return True

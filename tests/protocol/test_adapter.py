@@ -188,6 +188,15 @@ def test_client_vanishing_mid_message_does_not_hurt(enforce: str) -> None:
     assert run(enforce, "none").verdict == "accept"
 
 
+def _dead(pid: int) -> bool:
+    """Killed: gone, or a zombie its parent has not reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] in ("Z", "X")
+
+
 def test_prefork_workers_share_the_socket(processes: ProcessFactory, core: str) -> None:
     proc = start_scripted(processes, "enforce", "tempfail", "2", core=core)
     spec = f"inet:{proc.port}@127.0.0.1"
@@ -198,6 +207,9 @@ def test_prefork_workers_share_the_socket(processes: ProcessFactory, core: str) 
     # A dead worker is replaced; the other keeps serving meanwhile.
     victim = int(children.read_text().split()[0])
     os.kill(victim, signal.SIGKILL)
+    # Until it is dead, the victim's accept() may still take our connection and
+    # die with it (a reset): wait for the kill, not for the replacement.
+    assert wait_until(lambda: _dead(victim), 10)
     assert run(spec, "none").verdict == "accept"
     assert wait_until(lambda: len(children.read_text().split()) == 2
                       and str(victim) not in children.read_text().split(), 15)
