@@ -226,9 +226,11 @@ class ClamavFilter(Filter):
             first = backend not in self._streamed_only
             self._streamed_only.add(backend)
         if first:
-            log.warning("clamd %s could not scan a passed descriptor (%s): streaming "
-                        "every message to it with INSTREAM instead (an AppArmor "
-                        "profile denying it?)", backend, refused)
+            # Expected where AppArmor confines clamd (Debian's profile refuses a
+            # memory file passed to it): worth a line, not a warning.
+            log.info("clamd %s could not scan a passed descriptor (%s): streaming "
+                     "every message to it with INSTREAM instead (an AppArmor profile "
+                     "refusing it? README, clamav)", backend, refused)
         return result
 
 
