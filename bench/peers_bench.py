@@ -319,6 +319,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="our dmarc's policy discovery (OpenDMARC uses the PSL)")
     p.add_argument("--milter-core", choices=("libmilter", "python"), default="python",
                    help="[global] milter_core of our filters")
+    p.add_argument("--clamd-socket", choices=("unix", "tcp"), default="unix",
+                   help="how both clamav milters reach clamd: its unix socket (the "
+                        "Debian default; both then pass clamd a descriptor, FILDES) or TCP "
+                        "(both stream, INSTREAM)")
     p.add_argument("--out", type=Path, help="JSON file (default: bench/results/...)")
     return p.parse_args(argv)
 
@@ -334,9 +338,10 @@ def start_sides(factory: ProcessFactory, ws: Workspace, args: argparse.Namespace
         sides += [start_ours_dkim(factory, ws, args.workers, args.log_level, args.milter_core),
                   start_opendkim(factory, ws)]
     if "clamav" in args.pair:
-        sides += [start_ours_clamav(factory, ws, args.workers, args.log_level, clamd,
+        socket = clamd.unix if args.clamd_socket == "unix" else clamd.tcp
+        sides += [start_ours_clamav(factory, ws, args.workers, args.log_level, socket,
                                     args.milter_core),
-                  start_clamav_milter(factory, ws, clamd)]
+                  start_clamav_milter(factory, ws, socket)]
     return sides
 
 

@@ -31,7 +31,7 @@ from bench import common
 from milters.dkim.keys import load_private_key
 from milters.dkim.keytools import genkey
 from tests.e2e.postfix import PostfixInstance, SendResult
-from tests.support.clamd import Clamd, eicar_in_body
+from tests.support.clamd import eicar_in_body
 from tests.support.namespace import DNS53, private_resolver_argv
 from tests.support.processes import ManagedProcess, ProcessFactory, free_port, others_disabled
 
@@ -152,9 +152,9 @@ def start_ours_dkim(factory: ProcessFactory, ws: Workspace, workers: int,
 
 
 def start_ours_clamav(factory: ProcessFactory, ws: Workspace, workers: int,
-                      log_level: str, clamd: Clamd, core: str = "libmilter") -> Side:
+                      log_level: str, clamd_socket: str, core: str = "libmilter") -> Side:
     return _ours(factory, ws, "clamav", (
-        f'clamd_sockets = ["{clamd.tcp}"]\non_virus = "reject"\non_fail = "tempfail"\n'
+        f'clamd_sockets = ["{clamd_socket}"]\non_virus = "reject"\non_fail = "tempfail"\n'
         'add_headers = "replace"\n'), workers, log_level, core)
 
 
@@ -199,13 +199,14 @@ def start_opendkim(factory: ProcessFactory, ws: Workspace) -> Side:
     return Side("dkim", "opendkim", proc, port)
 
 
-def start_clamav_milter(factory: ProcessFactory, ws: Workspace, clamd: Clamd) -> Side:
+def start_clamav_milter(factory: ProcessFactory, ws: Workspace, clamd_socket: str) -> Side:
+    """clamav-milter on `clamd_socket` (unix:PATH or tcp:HOST:PORT, our spelling)."""
     port = free_port()
     d = ws.root
     binary = shutil.which("clamav-milter") or "/usr/sbin/clamav-milter"
     cfg = d / "clamav-milter.conf"
     cfg.write_text(
-        f"MilterSocket inet:{port}@127.0.0.1\nClamdSocket {clamd.tcp}\nForeground yes\n"
+        f"MilterSocket inet:{port}@127.0.0.1\nClamdSocket {clamd_socket}\nForeground yes\n"
         f"LogFile {d / 'clamav-milter.log'}\nTemporaryDirectory {d}\n"
         "AddHeader Replace\nOnInfected Reject\nOnFail Defer\n"
         "MaxFileSize 25M\nReadTimeout 120\n")
