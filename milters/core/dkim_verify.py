@@ -555,8 +555,10 @@ def _key(tags: dict[bytes, bytes], lookup: TxtLookup, min_key_bits: int
             raise _Refusal(PERMERROR, "key p= is not an RSA public key")
         bits = rsa_key.key_size
         if bits < min_key_bits:
-            # RFC 8301 §3.2: verifiers MUST NOT consider keys under 1024 bits valid.
-            raise _Refusal(PERMERROR, f"key of {bits} bits is too short (RFC 8301)")
+            # RFC 8301 §3.2: verifiers MUST NOT consider keys under 1024 bits valid, and
+            # "verifier policies can use the length of the signing key" to decide what
+            # is acceptable: RFC 8601 §2.7.1 policy, as for rsa-sha1 (and OpenDKIM).
+            raise _Refusal(POLICY, f"key of {bits} bits is too short (RFC 8301)")
     elif key_type == b"ed25519":
         if len(public) != 32:
             raise _Refusal(PERMERROR, "key p= is not an Ed25519 public key")
