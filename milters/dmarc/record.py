@@ -1,8 +1,12 @@
 """DMARC policy records (RFC 9989 (policy record)): parsing a TXT value into a typed record.
 
 Tags kept: v, p, sp, np, psd, t, adkim, aspf, rua, ruf, fo. Unknown tags are
-ignored (RFC 9989 (policy record): new tags may appear), and so are `pct`, `rf` and `ri`,
-which RFC 9989 removed (`t=y` does what `pct=0` was used for).
+ignored (RFC 9989 (policy record): new tags may appear), and so are `rf`, `ri` and
+`pct`, which RFC 9989 removed, but for `pct=0` in a record without `t=`: RFC 9989's
+`t=y` replaces it and means what it meant under RFC 7489 (the policy one step less
+for every message), so a record written for RFC 7489 readers, such as the common
+`p=quarantine; pct=0` that asks mailing lists to rewrite From without enforcing
+anything, is read as its owner meant it.
 """
 
 from __future__ import annotations
@@ -107,7 +111,8 @@ def parse_record(txt: bytes | str) -> DmarcRecord:
             raise UnusableRecord(f"DMARC record: {', '.join(invalid)} and no usable rua=")
         p, sp, np = "none", "", ""
     psd = tags.get("psd", "u").lower()
-    t = tags.get("t", "n").lower()
+    pct = tags.get("pct", "")
+    t = tags.get("t", "y" if pct.isdigit() and int(pct) == 0 else "n").lower()
     adkim = tags.get("adkim", "r").lower()
     aspf = tags.get("aspf", "r").lower()
     fo = ":".join(v for v in (x.strip().lower() for x in tags.get("fo", "0").split(":"))

@@ -132,6 +132,7 @@ def _record_cases() -> list[Case]:
         "p-missing-no-rua": "v=DMARC1; adkim=s",
         "p-invalid-rua": "v=DMARC1; p=block; rua=mailto:r@pi.example",
         "pct-0": "v=DMARC1; p=reject; pct=0",
+        "pct-0-quarantine": "v=DMARC1; p=quarantine; pct=0",
         "pct-100": "v=DMARC1; p=reject; pct=100",
         "pct-bad": "v=DMARC1; p=reject; pct=abc",
         "adkim-bad": "v=DMARC1; p=reject; adkim=x",
@@ -278,7 +279,9 @@ _P_INVALID = ("RFC 7489 §6.6.3 step 6, RFC 9989 §4.10.1: no valid p= (or an in
 _BAD_TAG = ("RFC 7489 §6.3, RFC 9989 §4.8: other syntax errors fall back to the default "
             "value; OpenDMARC says permerror")
 _PCT = ("RFC 9989 removed pct= (t=y replaces pct=0): ignored, the policy applies; OpenDMARC "
-        "samples by pct, and applies nothing for pct=0 or a pct= that is no number")
+        "samples by pct, and applies nothing for a pct= that is no number")
+_PCT_0 = ("pct=0 without t= is RFC 9989's t=y, what it meant under RFC 7489: the policy one "
+          "step less (quarantine for p=reject); OpenDMARC applies nothing")
 _T = "RFC 9989 t=y: one step less (quarantine for p=reject); OpenDMARC knows no t= and rejects"
 _PSL_STAR = ("the Public Suffix List's default rule `*` (RFC 7489 §3.2 uses the list's "
              "algorithm): an unlisted TLD is a one-label suffix, so sub.unlisted.example "
@@ -321,8 +324,10 @@ KNOWN: dict[str, tuple[str, str, str]] = {
                      "fail p=quarantine dis=none / fail p=quarantine dis=quarantine [held]",
                      _BAD_TAG),
     "rec-fo-bad": ("permerror / permerror", "fail p=reject dis=none / [reject]", _BAD_TAG),
-    **{c: ("fail p=reject dis=none / fail p=reject dis=none",
-           "fail p=reject dis=none / [reject]", _PCT) for c in ("rec-pct-0", "rec-pct-bad")},
+    "rec-pct-0": ("fail p=reject dis=none / fail p=reject dis=none",
+                  "fail p=reject dis=none / fail p=reject dis=quarantine [held]", _PCT_0),
+    "rec-pct-bad": ("fail p=reject dis=none / fail p=reject dis=none",
+                    "fail p=reject dis=none / [reject]", _PCT),
     "rec-t-y": ("fail p=reject dis=none / [reject]",
                 "fail p=reject dis=none / fail p=reject dis=quarantine [held]", _T),
     "rec-unlisted-tld-sub": ("none / none", "fail p=reject dis=none / [reject]", _PSL_STAR),

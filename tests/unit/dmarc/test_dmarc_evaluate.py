@@ -86,8 +86,19 @@ def test_record_tags_and_defaults() -> None:
 
 
 def test_record_ignores_unknown_and_removed_tags() -> None:
-    r = parse_record("v=DMARC1; p=quarantine; pct=0; rf=afrf; ri=3600; future=1; adkim=x")
+    r = parse_record("v=DMARC1; p=quarantine; pct=50; rf=afrf; ri=3600; future=1; adkim=x")
     assert r.p == "quarantine" and r.adkim == "r" and not r.t
+
+
+@pytest.mark.parametrize(("text", "testing"), [
+    ("v=DMARC1; p=quarantine; pct=0", True),  # RFC 7489's "apply one step less"
+    ("v=DMARC1; p=reject; pct=0; t=n", False),  # t= says it, RFC 9989's own tag
+    ("v=DMARC1; p=reject; pct=00", True),  # 1*3DIGIT: the number 0
+    ("v=DMARC1; p=reject; pct=abc", False),
+    ("v=DMARC1; p=reject; pct=100", False),
+])
+def test_pct_0_is_read_as_testing_without_t(text: str, testing: bool) -> None:
+    assert parse_record(text).t is testing
 
 
 @pytest.mark.parametrize("text", [
