@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from milters.core.verdict import Reply
 
@@ -145,6 +145,9 @@ class RuleAction:
     text: Template = Template()
     code: str = ""
     warning: str = ""
+    # The whole right-hand side, action word included: what Postfix's dict lookup
+    # returns for the rule (after $N substitution), before cleanup reads it.
+    result: Template = Template()
 
 
 def _split_word(result: str) -> tuple[str, str]:
@@ -173,7 +176,14 @@ def parse_action(
     becomes UNKNOWN (or FILTER) with the warning Postfix logs.
     """
     # The table layer first: mac_parse over the whole result, as dict_*_prescan does.
-    Template.parse(result, groups, negated)
+    whole = Template.parse(result, groups, negated)
+    return replace(_parse_action(result, groups, negated, context, key, access_style),
+                   result=whole)
+
+
+def _parse_action(
+    result: str, groups: int, negated: bool, context: Context, key: str, access_style: bool,
+) -> RuleAction:
     word, rest = _split_word(result)
     if context is Context.CONTENT:
         return _content_action(result, word, rest, groups, negated, key, access_style)

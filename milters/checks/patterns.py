@@ -102,10 +102,14 @@ class _Reader:
 
 # --- POSIX (regexp: tables) ------------------------------------------------------
 
+# \B, "not a word boundary": Python's \B (re and regex alike, before 3.14) never
+# matches an empty subject, where glibc and PCRE do (an empty body line).
+NOT_BOUNDARY = r"(?:\B|\A\Z)"
+
 # GNU regcomp escapes outside brackets (glibc regcomp.c peek_token); any other
 # letter after a backslash is that letter, which nobody means: refuse it.
 _POSIX_ESCAPES = MappingProxyType({
-    "w": r"\w", "W": r"\W", "s": r"\s", "S": r"\S", "b": r"\b", "B": r"\B",
+    "w": r"\w", "W": r"\W", "s": r"\s", "S": r"\S", "b": r"\b", "B": NOT_BOUNDARY,
     "<": r"\b(?=\w)", ">": r"\b(?<=\w)", "`": r"\A", "'": r"\Z"})
 
 
@@ -477,6 +481,8 @@ def _pcre_escape(r: _Reader, extra: bool, groups: int) -> str:
         return "".join(_char(ch) for ch in literal)
     if e == "E":
         return ""  # a stray \E is ignored by PCRE
+    if e == "B":
+        return NOT_BOUNDARY
     if e in _PCRE_SIMPLE:
         return "\\" + e
     if e.isdigit():

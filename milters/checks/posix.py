@@ -114,10 +114,17 @@ def _regfree(buffer: ctypes.Array[ctypes.c_char]) -> None:
 class PosixRegex:
     """One compiled pattern. Immutable once made, so threads share it."""
 
-    def __init__(self, source: bytes, flags: int, *, utf8: bool = False) -> None:
+    def __init__(self, source: bytes, flags: int, *, utf8: bool = False,
+                 nmatch: int = 0) -> None:
         self.source = source
         self.flags = flags
         self.utf8 = utf8
+        # The regmatch_t slots each search hands regexec(), as dict_regexp.c does:
+        # 1 + the largest $N of the rule's result, 0 without one (it then compiles
+        # with REG_NOSUB too). glibc's answer can depend on it with back
+        # references: `((b\>#)\.b:\2Ab)+a` finds `B#.b:B#abb#.b:b#ABA` with 0 or 2
+        # slots but not with 3.
+        self.nmatch = nmatch
         self._locale = _LIBC.utf8_locale if utf8 else _LIBC.c_locale
         self._encoding = "utf-8" if utf8 else "latin-1"
         buffer = ctypes.create_string_buffer(REGEX_T_SIZE)
@@ -162,13 +169,21 @@ class PosixRegex:
     def search(self, subject: str) -> PosixMatch | None:
         """Match `subject` (a str in the table's text mode) as regexec() does.
 
-        Like Postfix (REG_NOSUB when the action has no $N), the first call asks for
-        no groups; PosixMatch.group() asks again for them when an action needs one.
+        Like Postfix, with `nmatch` slots for the groups: the spans a $N takes come
+        from this same call. Without slots PosixMatch.group() asks again for the
+        groups on first use.
         """
         data = subject.encode(self._encoding, "surrogateescape")
-        if not self._exec(data, 0, None):
+        if not self.nmatch:
+            if not self._exec(data, 0, None):
+                return None
+            return PosixMatch(self, data)
+        spans = (RegMatch * self.nmatch)()
+        if not self._exec(data, self.nmatch, spans):
             return None
-        return PosixMatch(self, data)
+        match = PosixMatch(self, data)
+        match._spans = tuple((m.rm_so, m.rm_eo) for m in spans)
+        return match
 
     def spans(self, data: bytes) -> tuple[tuple[int, int], ...]:
         """Byte offsets of the whole match and of each group; (-1, -1) for a group

@@ -29,9 +29,12 @@ import regex as rx
 
 from milters.checks.cost import as_re, free_length, parse
 
-# Constructs that look past the end of a line: with them, "matches a line" no
-# longer implies "matches the lines joined by \n".
-_UNSCREENABLE = re.compile(r"\(\?<?[=!]|\\G")
+# Constructs that look past the end of a line, and those that never give back
+# what they took (possessive quantifiers, atomic groups: `[^a]{2,}+ ?$` takes the
+# next lines too and fails where the line alone matches): with them, "matches a
+# line" no longer implies "matches the lines joined by \n". (A literal `\*+`
+# looks possessive too: such a rule is only searched line by line.)
+_UNSCREENABLE = re.compile(r"\(\?<?[=!>]|\\G|[*+?}]\+")
 # \A and \Z (what a POSIX `$` becomes) pin the subject's start and end, which in
 # the joined text are a line's start and end: ^ and $ with MULTILINE.
 _ABSOLUTE_ANCHOR = re.compile(r"(?<!\\)((?:\\\\)*)\\([AZ])")
@@ -43,6 +46,11 @@ _FOLD_EXTRA = str.maketrans({"ı": "i", "ſ": "s"})
 MIN_SUBJECTS = 8
 # A required literal shorter than this is too common to rule anything out.
 MIN_NEEDLE = 3
+
+
+# Seconds a timed search of the joined lines may take before the rule is left to
+# the per-line lookups.
+SEARCH_TRY = 0.01
 
 
 class ScreenTimeout(Exception):
@@ -173,7 +181,9 @@ class Screener:
     ) -> frozenset[int] | None:
         """Indexes of the screens that may match one of `subjects`; None: try them all.
 
-        Each timed search gets `time_left()` seconds; running over raises ScreenTimeout.
+        Each timed search gets SEARCH_TRY seconds (a rule whose search runs over
+        stays in), or what `time_left()` says if less: running over that raises
+        ScreenTimeout.
         """
         if len(subjects) < MIN_SUBJECTS:
             return None
@@ -195,9 +205,17 @@ class Screener:
                 if screen.fast(joined):
                     found.add(i)
             else:
+                # A search of the joined text may backtrack far longer than the
+                # same search line by line: after a short try the rule stays in
+                # and the per-line lookups decide (screening must not turn a line
+                # Postfix answers into a match_timeout).
+                left = time_left()
                 try:
-                    if screen.search(joined, time_left()):
+                    if screen.search(joined, SEARCH_TRY if left is None
+                                     else min(left, SEARCH_TRY)):
                         found.add(i)
                 except TimeoutError:
-                    raise ScreenTimeout(i) from None
+                    if left is not None and left <= SEARCH_TRY:
+                        raise ScreenTimeout(i) from None
+                    found.add(i)
         return frozenset(found)

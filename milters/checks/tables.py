@@ -66,6 +66,7 @@ from milters.checks.posix import (
     REG_EXTENDED,
     REG_ICASE,
     REG_NEWLINE,
+    REG_NOSUB,
     PosixError,
     PosixMatch,
     PosixRegex,
@@ -354,6 +355,9 @@ class Hit:
 
     rule: Rule
     text: str
+    # The rule's whole right-hand side after substitution: what Postfix's dict
+    # lookup (postmap -q) answers for the subject.
+    result: str = ""
 
     @property
     def kind(self) -> Kind:
@@ -421,10 +425,14 @@ def _lookup(items: Sequence[Rule | IfBlock], subject: str, budget: Budget) -> Hi
         if item.shadow:  # watched only: noted, and lookup goes on (checks/shadow.py)
             shadow.saw(item, item.action.text.expand(m.group if m else lambda _: ""), subject)
             continue
-        if m is None:  # negated rule: no groups to substitute
-            return Hit(item, item.action.text.expand(lambda _: ""))
-        return Hit(item, item.action.text.expand(m.group))
+        group = m.group if m is not None else _no_group  # negated rule: no groups
+        action = item.action
+        return Hit(item, action.text.expand(group), action.result.expand(group))
     return None
+
+
+def _no_group(_index: int) -> str:
+    return ""
 
 
 @dataclass(frozen=True)
@@ -684,7 +692,30 @@ def _rule(line: str, kind: str, mode: TextMode, where: str, warnings: list[str],
         raise ConfigError(f"{where}: {exc}") from None
     if action.warning:
         warnings.append(f"{where}: {action.warning}")
+    if kind == "regexp":
+        pattern, also = _as_dict_regexp(pattern, also, action)
     return Rule(pattern, action, where, also)
+
+
+def _as_dict_regexp(pattern: Pattern, also: Pattern | None, action: RuleAction
+                    ) -> tuple[Pattern, Pattern | None]:
+    """A regexp: rule's patterns compiled and searched as dict_regexp.c does.
+
+    The first pattern gets REG_NOSUB when the result has no $N, else regexec()
+    gets 1 + its largest N slots; the second (`/pat1/!/pat2/`) always REG_NOSUB.
+    glibc's answer with back references can depend on both (posix.py).
+    """
+    max_sub = max((p for p in action.result.parts if isinstance(p, int)), default=0)
+    first = pattern.posix
+    assert first is not None, "a regexp: pattern is matched by glibc"
+    posix = PosixRegex(first.source, first.flags | (0 if max_sub else REG_NOSUB),
+                       utf8=first.utf8, nmatch=max_sub + 1 if max_sub else 0)
+    pattern = replace(pattern, posix=posix)
+    if also is not None and also.posix is not None:
+        second = also.posix
+        also = replace(also, posix=PosixRegex(second.source, second.flags | REG_NOSUB,
+                                              utf8=second.utf8))
+    return pattern, also
 
 
 def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[str]
@@ -707,8 +738,21 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
     delim = text[pos]
     pos += 1
     start = pos
-    while pos < len(text) and text[pos] != delim:
-        pos += 2 if text[pos] == "\\" else 1
+    while pos < len(text):
+        # A backslash escapes the next character, the delimiter too (even a
+        # backslash delimiter: `\\a\\ x` has no closing one). A backslash that ends
+        # the line ends a regexp: pattern (dict_regexp_get_pat() stops at it and
+        # overwrites it: `/abc\\` is /abc/ with no result text); in pcre: there is
+        # no closing delimiter.
+        if text[pos] == "\\":
+            if pos + 1 == len(text):
+                if kind != "regexp":
+                    pos += 1
+                break
+            pos += 1
+        elif text[pos] == delim:
+            break
+        pos += 1
     if pos >= len(text):
         raise SkipRule(f"no closing regexp delimiter \"{delim}\": skipping this rule")
     source = text[start:pos]
@@ -747,12 +791,31 @@ def _pattern(text: str, kind: str, mode: TextMode, where: str, warnings: list[st
             re_flags |= rx.IGNORECASE
         if mode is TextMode.BYTES:
             re_flags |= rx.ASCII
-        # VERSION0: the `re`-compatible dialect the translations are written in.
-        compiled = rx.compile(translated, re_flags | rx.VERSION0)
+        compiled = _compile_pcre(translated, re_flags)
     except (PatternError, re.error, rx.error) as exc:
         # dict_pcre.c: "error in regex at offset N".
         raise SkipRule(f"{kind} pattern /{source}/: {exc}: skipping this rule") from None
     return Pattern(compiled, negated, on["A"]), compiled.groups, text[flag_end:]
+
+
+def _compile_pcre(translated: str, flags: int) -> rx.Pattern[str]:
+    """The translation compiled by `regex` in its re-compatible VERSION0, the
+    dialect patterns.py writes.
+
+    VERSION0 (and `re`) refuse a back reference to a group that is still open,
+    `(a\\1|b)+`, which PCRE reads as the text the group took in its previous
+    iteration (failing while there is none): VERSION1 reads it so. It differs from
+    VERSION0 otherwise only where the translations never go (nested sets and set
+    operations in a class, where every `[`, `-`, `&`, `|` and `~` is escaped, and
+    scoped inline flags, which they only write scoped or at the very start) and
+    in its full case folding, turned off here (`(?-f)`).
+    """
+    try:
+        return rx.compile(translated, flags | rx.VERSION0)
+    except rx.error as exc:
+        if "open group" not in str(exc):
+            raise
+    return rx.compile("(?-f)" + translated, flags | rx.VERSION1)
 
 
 def _posix_pattern(source: str, on: dict[str, bool], negated: bool, mode: TextMode
