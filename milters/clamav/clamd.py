@@ -31,13 +31,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from milters.core.errors import TempError
+from milters.core.model import BODY_SPOOL_THRESHOLD
 from milters.core.sockets import kernel_timeval, set_timeouts
 
 FRAME_SIZE = 64 * 1024  # bytes per INSTREAM chunk: few writes, little memory
-# A message up to this size is in memory already (core/model.py spools larger
-# bodies): it may go to a unix-socket clamd as a memfd. Larger ones are streamed,
-# so a memfd never doubles a large message in memory.
-DESCRIPTOR_MAX = 256 * 1024
+# A message whose body is this size or less is in memory already (core/model.py
+# spools larger bodies): it may go to a unix-socket clamd as a memfd. Larger ones
+# are streamed, so a memfd never doubles a large message in memory.
+DESCRIPTOR_MAX = BODY_SPOOL_THRESHOLD
 MAX_REPLY = 4096  # a verdict line is short; more is a protocol error
 _END = struct.pack("!L", 0)
 
@@ -139,9 +140,7 @@ def scan_descriptor(backend: Backend, pieces: Iterable[bytes], connect_timeout: 
         os.close(fd)
     try:
         return _parse(reply, sent)
-    except SizeLimitExceeded:
-        raise
-    except ClamdError as exc:
+    except ClamdError as exc:  # an ERROR, or no verdict at all, for the descriptor
         raise DescriptorRefused(str(exc)) from None
 
 

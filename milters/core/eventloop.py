@@ -218,7 +218,7 @@ class EventLoop:
         self.last_read[fd] = now
         try:
             chunk = conn.sock.recv(65536, socket.MSG_DONTWAIT)
-            if chunk and (conn.take(chunk) if conn.quick_ack else conn.feed(chunk)):
+            if chunk and conn.take(chunk):
                 return
             if not chunk:
                 raise ConnectionClosed("closed by the MTA")

@@ -251,12 +251,11 @@ class Connection:
 
     def _loop(self) -> None:
         recv = self.sock.recv
-        take = self.take if self.quick_ack else self.feed
         while True:
             chunk = recv(65536)
             if not chunk:
                 raise ConnectionClosed("closed by the MTA")
-            if not take(chunk):
+            if not self.take(chunk):
                 return
 
     def take(self, chunk: bytes) -> bool:
@@ -268,16 +267,16 @@ class Connection:
         TCP_QUICKACK sends the pending ACK now. It holds only until the kernel
         falls back to delayed ACKs, so it is set after each such read (a system
         call per read saved where a reply went out, most reads of a message).
+        Without `quick_ack` (a unix socket) there is no ACK to hurry: just feed.
         """
+        if not self.quick_ack:
+            return self.feed(chunk)
         sends = self.sends
         try:
             return self.feed(chunk)
         finally:
             if self.sends == sends:
-                self.acknowledge()
-
-    def acknowledge(self) -> None:
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+                self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
 
     def feed(self, chunk: bytes) -> bool:
         """Run every whole packet `chunk` completes; False: the connection ends.
