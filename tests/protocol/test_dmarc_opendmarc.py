@@ -15,20 +15,19 @@ agrees, for the DNS Tree Walk too.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import publicsuffixlist
 import pytest
 
 from milters.client.probe import probe
 from milters.core.envelope import Envelope
 from tests.support.dns import LoopbackDNS, dns_server
-from tests.support.namespace import DNS53, private_resolver_argv, private_resolver_usable
+from tests.support.namespace import DNS53, private_resolver_usable
+from tests.support.opendmarc import opendmarc_directory, start_opendmarc
 from tests.support.processes import ProcessFactory, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,20 +146,8 @@ Probe = Callable[[Case], str]
 def milters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         dict[str, Probe]]:
     factory = ProcessFactory()
-    d = tmp_path_factory.mktemp("opendmarc")
-    os.chmod(d, 0o755)
-    (d / "ignore").write_text("")
-    psl = Path(publicsuffixlist.__file__).parent / "public_suffix_list.dat"
-    specs: dict[str, str] = {}
-    port = free_port()
-    (d / "opendmarc.conf").write_text(
-        f"Socket inet:{port}@127.0.0.1\nAuthservID {AUTHSERV}\n"
-        f"TrustedAuthservIDs {AUTHSERV}\nPublicSuffixList {psl}\nSPFSelfValidate false\n"
-        f"IgnoreHosts {d}/ignore\nRejectFailures false\nRequiredHeaders false\n"
-        "Syslog false\nBackground false\n")
-    factory.start(private_resolver_argv(d, DNS_ADDRESS, f"opendmarc -f -c {d}/opendmarc.conf"),
-                  port)
-    specs["opendmarc"] = f"inet:{port}@127.0.0.1"
+    d = opendmarc_directory(tmp_path_factory.mktemp("opendmarc"))
+    specs = {"opendmarc": start_opendmarc(factory, d, DNS_ADDRESS, AUTHSERV)}
     for method in ("psl", "treewalk"):
         port = free_port()
         conf = d / f"milters-{method}.toml"

@@ -18,20 +18,19 @@ section that documents it; every other case must give the same answer.
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import publicsuffixlist
 import pytest
 
 from milters.client.probe import probe
 from milters.core.envelope import Envelope
 from tests.support.dns import LoopbackDNS, dns_server
-from tests.support.namespace import DNS53, private_resolver_argv, private_resolver_usable
+from tests.support.namespace import DNS53, private_resolver_usable
+from tests.support.opendmarc import opendmarc_directory, start_opendmarc
 from tests.support.processes import ProcessFactory, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -365,23 +364,11 @@ Probe = Callable[[Case], str]
 def milters(dns: LoopbackDNS, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         dict[str, Probe]]:
     factory = ProcessFactory()
-    d = tmp_path_factory.mktemp("opendmarc-mut")
-    os.chmod(d, 0o755)
-    (d / "ignore").write_text("")
-    psl = Path(publicsuffixlist.__file__).parent / "public_suffix_list.dat"
+    d = opendmarc_directory(tmp_path_factory.mktemp("opendmarc-mut"))
     specs: dict[str, list[str]] = {"opendmarc": [], "ours": []}
     # Two of each: reporting only, and enforcing (p=reject refused, p=quarantine held).
     for enforce in (False, True):
-        port = free_port()
-        conf = d / f"opendmarc-{enforce}.conf"
-        conf.write_text(
-            f"Socket inet:{port}@127.0.0.1\nAuthservID {AUTHSERV}\n"
-            f"TrustedAuthservIDs {AUTHSERV}\nPublicSuffixList {psl}\nSPFSelfValidate false\n"
-            f"IgnoreHosts {d}/ignore\nRejectFailures {str(enforce).lower()}\n"
-            f"HoldQuarantinedMessages {str(enforce).lower()}\nRequiredHeaders false\n"
-            "Syslog false\nBackground false\n")
-        factory.start(private_resolver_argv(d, DNS53, f"opendmarc -f -c {conf}"), port)
-        specs["opendmarc"].append(f"inet:{port}@127.0.0.1")
+        specs["opendmarc"].append(start_opendmarc(factory, d, DNS53, AUTHSERV, enforce))
         port = free_port()
         toml = d / f"milters-{enforce}.toml"
         toml.write_text(
